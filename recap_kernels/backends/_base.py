@@ -1,0 +1,86 @@
+"""What every backend module provides, and what the optimizers hand to it.
+
+A backend is a module-level object with a ``name``, an ``available(device)`` check, a
+``supports(kind, key, groups)`` check, and one step function per optimizer family
+(``adam_step``, ``adagrad_step``) taking a :class:`Bucket`. The optimizer classes know nothing
+else about kernels: they group tensors into buckets, ask the registry which backend runs each
+bucket, and call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and what can."""
+
+
+class Availability(NamedTuple):
+    """``(ok, reason)``: ``reason`` is empty when ``ok`` and says why not otherwise."""
+
+    ok: bool
+    reason: str = ""
+
+
+OK = Availability(True, "")
+
+
+class BucketKey(NamedTuple):
+    """Tensors that can share one launch: same device, same dtype, same gradient layout."""
+
+    device: torch.device
+    dtype: torch.dtype
+    sparse: bool
+
+    def __str__(self) -> str:
+        layout = "sparse" if self.sparse else "dense"
+        return f"{layout} {str(self.dtype).removeprefix('torch.')} tensors on {self.device}"
+
+
+@dataclass
+class Bucket:
+    """The tensors of one optimizer that step together, across param groups.
+
+    Tensors are ordered group by group, so each group owns one contiguous span
+    ``spans[i] = (start, stop)`` of every per-tensor list; ``groups[i]`` is that param group's
+    dict (lr, betas, weight decay, flags) exactly as the optimizer holds it.
+    ``state`` maps torch's state key names (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+    ``sum``) to per-tensor lists; ``steps`` are the per-tensor ``state["step"]`` tensors.
+    """
+
+    key: BucketKey
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    state: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def per_group(self):
+        """Yield ``(group, params, grads, steps, state)`` for each group's span."""
+        for group, (lo, hi) in zip(self.groups, self.spans):
+            yield group, self.params[lo:hi], self.grads[lo:hi], self.steps[lo:hi], {
+                k: v[lo:hi] for k, v in self.state.items()
+            }
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self, device: torch.device) -> Availability:
+        """Whether this backend can run on ``device`` at all (libraries present, kernels built)."""
+
+    def supports(self, kind: str, key: BucketKey, groups: list[dict[str, Any]]) -> Availability:
+        """Whether it can run ``kind`` ("adam" | "adagrad") for this bucket with these groups' options."""
+
+    def adam_step(self, bucket: Bucket, *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None: ...
+
+    def adagrad_step(self, bucket: Bucket, *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None: ...

@@ -1,0 +1,20 @@
+"""Drop-in replacement for ``torch.optim``.
+
+Every public name of ``torch.optim`` is re-exported unchanged (``SGD``, ``lr_scheduler``,
+``Optimizer``, the functional modules, ...), except ``Adam``, ``AdamW`` and ``Adagrad``, which are
+recap_kernels' subclasses of torch's classes: same arguments plus ``backend``, same state and
+numbers, with the update running on fused kernels. Migrating is one line::
+
+    from recap_kernels import optim      # was: from torch import optim
+"""
+
+import torch.optim as _torch_optim
+from torch.optim import *  # noqa: F401,F403  (the drop-in: everything torch.optim exports)
+
+# Submodules and other public attributes that ``import *`` does not bring (lr_scheduler, swa_utils, ...).
+globals().update({k: v for k, v in vars(_torch_optim).items() if not k.startswith("_") and k not in globals()})
+
+from recap_kernels.optim._adagrad import Adagrad  # noqa: E402
+from recap_kernels.optim._adam import Adam, AdamW  # noqa: E402
+
+__all__ = list(_torch_optim.__all__)

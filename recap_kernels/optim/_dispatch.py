@@ -1,0 +1,150 @@
+"""The step shared by recap_kernels' optimizers: validate, bucket, resolve backends, then run.
+
+A step happens in two phases so that a step that raises changes nothing:
+
+1. *Plan* (no side effects): every parameter with a gradient is checked the way torch checks it,
+   sorted into buckets by (device, dtype, gradient layout) across param groups, and each bucket's
+   backend is resolved through the registry. Any error is raised here, before state exists.
+2. *Run*: missing state is created in torch's layout, and each bucket goes to its backend.
+
+Subclasses set ``_kind`` ("adam" | "adagrad") and implement ``_check_param(group, p, grad)``
+(torch's per-parameter errors) and ``_new_state(group, p)`` (torch's state keys).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from recap_kernels.backends import Backend, Bucket, BucketKey, check_backend_name, resolve
+
+_STEP_DTYPE = torch.float32
+
+
+def new_step(p: Tensor, value: float = 0.0) -> Tensor:
+    """A parameter's step counter: 0-d float32 on the parameter's device (torch's fused layout).
+
+    Kept on the device, not the host, so kernels read it without a host sync and a step can be
+    captured in a CUDA graph; one counter per parameter, as torch keeps it, so resuming any
+    parameter's state (or adding a group later) keeps its own bias correction.
+    """
+    return torch.full((), value, dtype=_STEP_DTYPE, device=p.device)
+
+
+class FusedStepMixin:
+    """Mixed into subclasses of torch's optimizers, ahead of them in the MRO."""
+
+    _kind: str = ""
+
+    def _setup_backend(self, backend: str) -> None:
+        self._backend_request = check_backend_name(backend)
+        self._last_backends: frozenset[str] = frozenset()
+
+    @property
+    def backend(self) -> str:
+        """The ``backend=`` this optimizer was built with ("auto" unless set)."""
+        return self._backend_request
+
+    def backends_used(self) -> set[str]:
+        """Names of the backends that the last ``step()`` dispatched to (empty before the first)."""
+        return set(self._last_backends)
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+    def _check_param(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        raise NotImplementedError
+
+    def _new_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _fused_step(self, closure=None):
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plan = self._plan()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for backend, bucket in plan:
+            getattr(backend, f"{self._kind}_step")(bucket, grad_scale=grad_scale, found_inf=found_inf)
+        self._last_backends = frozenset(backend.name for backend, _ in plan)
+        return loss
+
+    def _plan(self) -> list[tuple[Backend, Bucket]]:
+        # Phase 1: checks only. Members of each bucket, per group, in optimizer order.
+        members: dict[BucketKey, list[tuple[int, list[Tensor]]]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                self._check_param(group, p, grad)
+                key = BucketKey(p.device, p.dtype, grad.is_sparse)
+                spans = members.setdefault(key, [])
+                if not spans or spans[-1][0] != gi:
+                    spans.append((gi, []))
+                spans[-1][1].append(p)
+        chosen = {
+            key: resolve(self._backend_request, key, self._kind, [self.param_groups[gi] for gi, _ in spans])
+            for key, spans in members.items()
+        }
+
+        # Phase 2: nothing below raises for valid input; state is created only now.
+        plan = []
+        for key, spans in members.items():
+            bucket = Bucket(key)
+            for gi, params in spans:
+                group = self.param_groups[gi]
+                keys = self._state_keys(group)
+                for k in keys:
+                    bucket.state.setdefault(k, [])
+                start = len(bucket.params)
+                for p in params:
+                    state = self.state[p]
+                    if len(state) == 0:
+                        state.update(self._new_state(group, p))
+                    bucket.params.append(p)
+                    bucket.grads.append(p.grad)
+                    bucket.steps.append(state["step"])
+                    for k in keys:
+                        bucket.state[k].append(state[k])
+                bucket.groups.append(group)
+                bucket.spans.append((start, len(bucket.params)))
+            plan.append((chosen[key], bucket))
+        return plan
+
+    # -- state placement ----------------------------------------------------------------------------
+    def _place_steps(self) -> None:
+        """Move every ``step`` to its parameter's device as 0-d float32 (see :func:`new_step`).
+
+        torch keeps ``step`` on the host unless ``fused`` or ``capturable``; state loaded from a
+        ``torch.optim`` checkpoint or pickled by an older torch is brought to our layout here.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "step" not in state:
+                    continue
+                step = state["step"]
+                if not torch.is_tensor(step):
+                    state["step"] = new_step(p, float(step))
+                elif step.device != p.device or step.dtype != _STEP_DTYPE:
+                    state["step"] = step.to(device=p.device, dtype=_STEP_DTYPE)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._place_steps()
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # torch pickles only defaults, state and param_groups: the backend request starts over.
+        self.__dict__.setdefault("_backend_request", "auto")
+        self.__dict__.setdefault("_last_backends", frozenset())
+        self._place_steps()

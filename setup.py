@@ -1,0 +1,133 @@
+"""Build recap_kernels: the Python package plus, when their sources exist, the C++ extensions.
+
+Build knobs (environment variables, all printed when the build starts):
+
+  RECAP_KERNELS_BUILD_CPU   1 (default) | 0     build the CPU C++ extension recap_kernels._C
+  RECAP_KERNELS_BUILD_CUDA  auto (default) | 1 | 0
+                            auto: build the CUDA kernels when torch is a CUDA build and nvcc is found
+                            1: fail with instructions when they cannot be built; 0: skip
+  TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX": machine code for sm_80 and sm_90, PTX for newer GPUs
+  RECAP_KERNELS_DEBUG       1: -O0 -g (-lineinfo for CUDA)
+  MAX_JOBS                  parallel compile jobs (ninja); defaults to the number of cores
+
+Build with the torch that will run the kernels: ``pip install --no-build-isolation -e .``.
+The build writes ``recap_kernels/_build_info.json`` so ``python -m recap_kernels info`` reports what
+this build contains, not what the running machine could build.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+BUILD_INFO = os.path.join(ROOT, "recap_kernels", "_build_info.json")
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _knob(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in allowed:
+        sys.exit(f"setup.py: {name}={value!r} is not one of {allowed}")
+    return value
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root: CUDA_HOME/CUDA_PATH, else the standard install location.
+
+    The ``nvcc`` on PATH may be a wrapper script (it is on our CI machines), from which torch's own
+    guess of CUDA_HOME (dirname of dirname of nvcc) is wrong, so the standard location comes first.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def _sources(*patterns: str) -> list[str]:
+    found: list[str] = []
+    for pattern in patterns:
+        found.extend(sorted(glob.glob(os.path.join(CSRC, pattern))))
+    return [os.path.relpath(f, ROOT) for f in found]
+
+
+def _extensions_and_info():
+    build_cpu = _knob("RECAP_KERNELS_BUILD_CPU", "1", ("0", "1")) == "1"
+    build_cuda = _knob("RECAP_KERNELS_BUILD_CUDA", "auto", ("auto", "0", "1"))
+    debug = _knob("RECAP_KERNELS_DEBUG", "0", ("0", "1")) == "1"
+
+    import torch
+
+    info = {
+        "version": "0.1.0",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu_extension": False,
+        "cuda_extension": False,
+        "cuda_archs": [],
+        "notes": [],
+    }
+    cpu_sources = _sources("ops.cpp", "cpu/*.cpp")
+    cuda_sources = _sources("cuda/*.cu")
+    if not build_cpu:
+        info["notes"].append("C++ extension skipped (RECAP_KERNELS_BUILD_CPU=0)")
+        return [], {}, info
+    if not cpu_sources:
+        info["notes"].append("no C++ sources in csrc/: pure-Python build")
+        return [], {}, info
+
+    from torch.utils import cpp_extension
+
+    cuda_home = _find_cuda_home()
+    want_cuda = bool(cuda_sources) and build_cuda != "0"
+    if want_cuda and (torch.version.cuda is None or cuda_home is None):
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found"
+        if build_cuda == "1":
+            sys.exit(f"setup.py: RECAP_KERNELS_BUILD_CUDA=1 but {why}; install the CUDA toolkit matching "
+                     f"torch.version.cuda={torch.version.cuda} and set CUDA_HOME to its root")
+        info["notes"].append(f"CUDA kernels skipped: {why}")
+        want_cuda = False
+
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-Wall", "-Wextra", "-Werror"]
+    extra = {"cxx": cxx}
+    sources = list(cpu_sources)
+    ext_cls = cpp_extension.CppExtension
+    if want_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        info["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"]) + ["-std=c++17"]
+        sources += cuda_sources
+        ext_cls = cpp_extension.CUDAExtension
+        info["cuda_extension"] = True
+    info["cpu_extension"] = True
+    ext = ext_cls(
+        name="recap_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(CSRC, "include")],
+        extra_compile_args=extra,
+    )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass, info
+
+
+ext_modules, cmdclass, build_info = _extensions_and_info()
+print("recap_kernels build: " + json.dumps(build_info), flush=True)
+with open(BUILD_INFO, "w") as f:
+    json.dump(build_info, f, indent=2)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
