@@ -1,0 +1,268 @@
+"""Build a recap model's optimizer and learning-rate scheduler from its configs.
+
+:func:`build_optimizer` reproduces recap's parameter grouping:
+
+* **multi-task**: for each tower of ``tower_learning_rates``, in config order, the parameters whose
+  name contains ``"." + task.replace(".", "__") + "."`` (the sanitised task name, as a module-path
+  component) form the tower's group; every other parameter belongs to ``"backbone"``, except those
+  whose name contains ``"embedding_bags"``, which form ``"embeddings"``;
+* **single-task**: one group, ``"single_task"``, of every parameter; with an embedding optimizer
+  config the ``embedding_bags`` parameters still go to ``"embeddings"``, so that config is obeyed
+  rather than ignored.
+
+Dense groups share one :class:`recap_kernels.optim.Adam`; the embedding group gets Adagrad or SGD.
+Each group carries its name under ``"name"`` and follows its own schedule through one
+:class:`~recap_kernels.schedules.RecapLRScheduler`. Anything that would leave a group without a
+schedule, or a schedule without a group, is a ``ValueError`` naming both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recap_kernels import optim
+from recap_kernels.config import (
+    EmbeddingOptimizerConfig,
+    LearningRate,
+    RecapOptimizerConfig,
+    load_embedding_optimizer_config,
+    load_optimizer_config,
+)
+from recap_kernels.schedules import RecapLRScheduler
+
+__all__ = ["CombinedOptimizer", "build_optimizer"]
+
+log = logging.getLogger(__name__)
+
+BACKBONE = "backbone"
+EMBEDDINGS = "embeddings"
+SINGLE_TASK = "single_task"
+EMBEDDING_MARKER = "embedding_bags"
+
+# The lr a group has until the scheduler sets it. Every group is scheduled, so this is never used
+# for a step; should that ever break, a rate this large makes the model diverge at once instead of
+# training quietly at some default.
+_UNSCHEDULED_LR = 1e10
+
+
+def build_optimizer(
+    model: nn.Module,
+    optimizer_config: RecapOptimizerConfig | Mapping | str,
+    emb_optimizer_config: EmbeddingOptimizerConfig | Mapping | str | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.optim.Optimizer, RecapLRScheduler]:
+    """The optimizer and scheduler of a recap model.
+
+    Args:
+        model: the model; its ``named_parameters()`` are grouped as the module docstring says.
+        optimizer_config: the dense optimizer: a :class:`RecapOptimizerConfig` or anything
+            :func:`~recap_kernels.config.load_optimizer_config` accepts.
+        emb_optimizer_config: the embedding tables' optimizer: an :class:`EmbeddingOptimizerConfig`
+            or anything :func:`~recap_kernels.config.load_embedding_optimizer_config` accepts.
+        backend: the kernels of Adam and Adagrad (see :class:`recap_kernels.optim.Adam`); SGD is
+            ``torch.optim.SGD`` whatever this says.
+
+    Returns:
+        ``(optimizer, scheduler)``. The optimizer is the Adam optimizer itself or, when there is an
+        embedding group, a :class:`CombinedOptimizer` whose ``param_groups`` list the dense groups
+        (towers in config order, then the backbone) and then the embedding group. Call
+        ``scheduler.step()`` once per training step, after ``optimizer.step()``.
+
+    Raises:
+        ValueError: a parameter matches two towers; a tower matches no parameter; a group has
+            parameters but no schedule, or a schedule has no parameters.
+    """
+    config = load_optimizer_config(optimizer_config)
+    emb_config = None if emb_optimizer_config is None else load_embedding_optimizer_config(emb_optimizer_config)
+
+    dense_groups, dense_lrs, embedding_params = _group_parameters(model, config, emb_config)
+    adam = config.adam
+    optimizer = optim.Adam(
+        dense_groups, lr=_UNSCHEDULED_LR, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, backend=backend
+    )
+    lr_configs = dense_lrs
+    if embedding_params:
+        embedding = _embedding_optimizer({"params": embedding_params, "name": EMBEDDINGS}, emb_config, backend)
+        optimizer = CombinedOptimizer(optimizer, embedding)
+        lr_configs = [*dense_lrs, emb_config.learning_rate]
+    return optimizer, RecapLRScheduler(optimizer, lr_configs)
+
+
+def _group_parameters(
+    model: nn.Module, config: RecapOptimizerConfig, emb_config: EmbeddingOptimizerConfig | None
+) -> tuple[list[dict[str, Any]], list[LearningRate], list[Tensor]]:
+    """Dense param groups with their schedules, and the embedding parameters, checked against the configs."""
+    multi = config.multi_task_learning_rates
+    towers = {} if multi is None else multi.tower_learning_rates
+    keys = {task: f".{task.replace('.', '__')}." for task in towers}
+    if multi is None:
+        rest, rest_lr, rest_field = SINGLE_TASK, config.single_task_learning_rate, "single_task_learning_rate"
+    else:
+        rest, rest_lr, rest_field = BACKBONE, multi.backbone_learning_rate, "backbone_learning_rate"
+    split_embeddings = multi is not None or emb_config is not None
+
+    tower_members: dict[str, list[tuple[str, Tensor]]] = {task: [] for task in towers}
+    rest_members: list[tuple[str, Tensor]] = []
+    embedding_members: list[tuple[str, Tensor]] = []
+    for name, param in model.named_parameters():
+        matches = [task for task, key in keys.items() if key in name]
+        if len(matches) > 1:
+            raise ValueError(
+                f"parameter {name!r} matches towers {matches[0]!r} and {matches[1]!r} (it contains both "
+                f"{keys[matches[0]]!r} and {keys[matches[1]]!r}); each parameter must belong to one tower"
+            )
+        if matches:
+            group, members = matches[0], tower_members[matches[0]]
+        elif split_embeddings and EMBEDDING_MARKER in name:
+            group, members = EMBEDDINGS, embedding_members
+        else:
+            group, members = rest, rest_members
+        members.append((name, param))
+        log.debug("optimizer group %s: %s", group, name)
+
+    for task, key in keys.items():
+        if not tower_members[task]:
+            raise ValueError(f"tower {task!r} has a learning rate but no parameter name contains {key!r}")
+    _check_pairing(rest, rest_members, rest_lr, rest_field)
+    _check_pairing(EMBEDDINGS, embedding_members, emb_config, "emb_optimizer_config")
+
+    named_groups = [(task, tower_members[task], lr) for task, lr in towers.items()]
+    if rest_members:
+        named_groups.append((rest, rest_members, rest_lr))
+    dense_groups = [{"params": [p for _, p in members], "name": group} for group, members, _ in named_groups]
+    dense_lrs = [lr for _, _, lr in named_groups]
+    return dense_groups, dense_lrs, [p for _, p in embedding_members]
+
+
+def _check_pairing(group: str, members: list[tuple[str, Tensor]], schedule: Any, field: str) -> None:
+    """A group with parameters needs a schedule, and a schedule needs parameters."""
+    if members and schedule is None:
+        shown = ", ".join(repr(name) for name, _ in members[:3]) + (", ..." if len(members) > 3 else "")
+        raise ValueError(f"{len(members)} parameters fall in group {group!r} ({shown}) but {field} is not set")
+    if schedule is not None and not members:
+        why = f"no parameter name contains {EMBEDDING_MARKER!r}" if group == EMBEDDINGS else "it has no parameters"
+        raise ValueError(f"{field} is set but group {group!r} is empty: {why}")
+
+
+def _embedding_optimizer(
+    group: dict[str, Any], config: EmbeddingOptimizerConfig, backend: str
+) -> torch.optim.Optimizer:
+    if config.sgd is not None:
+        return optim.SGD(
+            [group], lr=_UNSCHEDULED_LR, momentum=config.sgd.momentum, weight_decay=config.sgd.weight_decay
+        )
+    adagrad = config.adagrad
+    if adagrad.mode == "rowwise":
+        raise ValueError(
+            "emb_optimizer_config.adagrad.mode 'rowwise': row-wise Adagrad is not available in this version"
+        )
+    # "dense" and "sparse" are one optimizer: Adagrad follows whichever gradient layout arrives.
+    return optim.Adagrad(
+        [group],
+        lr=_UNSCHEDULED_LR,
+        lr_decay=adagrad.lr_decay,
+        weight_decay=adagrad.weight_decay,
+        initial_accumulator_value=adagrad.initial_accumulator_value,
+        eps=adagrad.eps,
+        backend=backend,
+    )
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """The dense and the embedding optimizer stepped as one, so that one scheduler drives both.
+
+    ``param_groups`` are the wrapped optimizers' own group dicts (dense first), so learning rates
+    set here, by a scheduler or by hand, are the ones the wrapped optimizers use. ``state`` is a
+    read-only merged view of theirs; ``state_dict()`` is ``{"dense": ..., "embedding": ...}``.
+
+    Args:
+        dense: the optimizer of the dense groups (the towers and the backbone).
+        embedding: the optimizer of the embedding tables.
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, embedding: torch.optim.Optimizer) -> None:
+        # Not Optimizer.__init__: that would build a second state and register the groups again.
+        # Only what the base class's hooks and profiling need is set up here.
+        super().__setstate__({"defaults": {}})
+        self.dense = dense
+        self.embedding = embedding
+        self._backends: set[str] = set()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.dense.param_groups + self.embedding.param_groups
+
+    @property
+    def state(self) -> Mapping[Tensor, dict[str, Any]]:
+        return _MergedState(self.dense.state, self.embedding.state)
+
+    def step(self, closure=None):
+        """Evaluate ``closure`` (if given) once, then step the dense and the embedding optimizer."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.dense.step()
+        self.embedding.step()
+        self._backends = _backends_used(self.dense) | _backends_used(self.embedding)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none)
+        self.embedding.zero_grad(set_to_none)
+
+    def backends_used(self) -> set[str]:
+        """The backends that the last ``step()`` dispatched to, across both optimizers."""
+        return set(self._backends)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.state_dict(), "embedding": self.embedding.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if set(state_dict) != {"dense", "embedding"}:
+            raise ValueError(
+                f"CombinedOptimizer loads a state_dict with keys 'dense' and 'embedding'; got {sorted(state_dict)}"
+            )
+        self.dense.load_state_dict(state_dict["dense"])
+        self.embedding.load_state_dict(state_dict["embedding"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise TypeError("add the group to CombinedOptimizer.dense or .embedding, which own the param groups")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"dense": self.dense, "embedding": self.embedding}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["dense"], state["embedding"])
+
+
+def _backends_used(optimizer: torch.optim.Optimizer) -> set[str]:
+    # Stock torch.optim optimizers (SGD) run torch's own math.
+    report = getattr(optimizer, "backends_used", None)
+    return report() if report is not None else {"torch"}
+
+
+class _MergedState(Mapping):
+    """``state[p]`` of whichever wrapped optimizer owns ``p``, without creating entries on lookup."""
+
+    def __init__(self, *states: Mapping[Tensor, dict[str, Any]]) -> None:
+        self._states = states
+
+    def __getitem__(self, param: Tensor) -> dict[str, Any]:
+        for state in self._states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for state in self._states:
+            yield from state
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self._states)

@@ -1,0 +1,307 @@
+"""build_optimizer: recap's parameter grouping, per-group schedules, and the combined optimizer."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from recap_kernels import build_optimizer, compute_lr, optim
+from recap_kernels.backends import BACKEND_NAMES
+from recap_kernels.builder import CombinedOptimizer
+
+TASKS = ("is_click.v2", "is_like")
+
+
+class HeavyRanker(nn.Module):
+    """A miniature recap model: embedding tables, a shared backbone, one tower per task.
+
+    Parameter names follow recap's layout, e.g. ``towers.is_click__v2.0.weight`` for task
+    ``is_click.v2`` and ``embedding_bags.user.weight`` for a table.
+    """
+
+    def __init__(self, tasks=TASKS, *, sparse=False, backbone=True):
+        super().__init__()
+        self.embedding_bags = nn.ModuleDict({"user": nn.EmbeddingBag(20, 4, mode="sum", sparse=sparse)})
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU()) if backbone else nn.Identity()
+        width = 8 if backbone else 4
+        self.towers = nn.ModuleDict(
+            {task.replace(".", "__"): nn.Sequential(nn.Linear(width, 4), nn.ReLU(), nn.Linear(4, 1)) for task in tasks}
+        )
+
+    def forward(self, ids, offsets):
+        hidden = self.backbone(self.embedding_bags["user"](ids, offsets))
+        return torch.cat([tower(hidden) for tower in self.towers.values()], dim=1)
+
+
+def _ramp(lr, steps):
+    return {"linear_ramp_to_constant": {"learning_rate": lr, "num_ramp_steps": steps}}
+
+
+# Towers deliberately listed in another order than the model registers them: config order wins.
+TOWER_LRS = {"is_like": {"constant": 0.02}, "is_click.v2": _ramp(0.03, 2)}
+BACKBONE_LR = _ramp(0.01, 4)
+
+
+def _multi_task(towers=TOWER_LRS, backbone=BACKBONE_LR):
+    return {
+        "adam": {"beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-6},
+        "multi_task_learning_rates": {"tower_learning_rates": towers, "backbone_learning_rate": backbone},
+    }
+
+
+ADAGRAD = {
+    "learning_rate": {"piecewise_constant": {"learning_rate_boundaries": [3], "learning_rate_values": [0.1, 0.05]}},
+    "adagrad": {"initial_accumulator_value": 0.1, "eps": 1e-8},
+}
+
+
+def _params(module):
+    return {id(p) for p in module.parameters()}
+
+
+def _batches(steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0, 3, 7, 9])
+    return [
+        (torch.randint(0, 20, (12,), generator=generator), offsets, torch.randn(4, len(TASKS), generator=generator))
+        for _ in range(steps)
+    ]
+
+
+def _train(model, optimizer, scheduler, batches):
+    for ids, offsets, target in batches:
+        optimizer.zero_grad()
+        ((model(ids, offsets) - target) ** 2).mean().backward()
+        optimizer.step()
+        scheduler.step()
+
+
+# -- grouping ---------------------------------------------------------------------------------------
+
+
+def test_multi_task_groups_towers_in_config_order_then_backbone_then_embeddings():
+    model = HeavyRanker()
+    optimizer, _ = build_optimizer(model, _multi_task(), ADAGRAD)
+
+    assert isinstance(optimizer, CombinedOptimizer)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    groups = optimizer.param_groups
+    assert [g["name"] for g in groups] == ["is_like", "is_click.v2", "backbone", "embeddings"]
+    assert [{id(p) for p in g["params"]} for g in groups] == [
+        _params(model.towers["is_like"]),
+        _params(model.towers["is_click__v2"]),
+        _params(model.backbone),
+        _params(model.embedding_bags),
+    ]
+    assert groups[:3] == optimizer.dense.param_groups
+    assert groups[3] is optimizer.embedding.param_groups[0]
+
+
+def test_optimizers_and_hyperparameters_come_from_the_configs():
+    optimizer, _ = build_optimizer(HeavyRanker(), _multi_task(), ADAGRAD, backend="torch")
+    assert type(optimizer.dense) is optim.Adam
+    assert type(optimizer.embedding) is optim.Adagrad
+    assert optimizer.dense.backend == optimizer.embedding.backend == "torch"
+    for group in optimizer.dense.param_groups:
+        assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.99), 1e-6, 0)
+    embedding = optimizer.embedding.param_groups[0]
+    assert (embedding["eps"], embedding["initial_accumulator_value"], embedding["lr_decay"]) == (1e-8, 0.1, 0)
+    [table] = embedding["params"]
+    assert torch.equal(optimizer.embedding.state[table]["sum"], torch.full_like(table, 0.1))
+
+
+def test_sgd_embedding_optimizer():
+    sgd = {"learning_rate": {"constant": 0.5}, "sgd": {"momentum": 0.9}}
+    model = HeavyRanker()
+    optimizer, scheduler = build_optimizer(model, _multi_task(), sgd)
+    assert type(optimizer.embedding) is torch.optim.SGD
+    assert optimizer.param_groups[-1]["momentum"] == 0.9
+    assert scheduler.get_last_lr()[-1] == 0.5
+    _train(model, optimizer, scheduler, _batches(1))
+    assert "torch" in optimizer.backends_used()
+
+
+def test_single_task_is_one_group_of_everything():
+    model = HeavyRanker()
+    optimizer, scheduler = build_optimizer(model, {"single_task_learning_rate": {"constant": 0.1}})
+    assert type(optimizer) is optim.Adam
+    [group] = optimizer.param_groups
+    assert group["name"] == "single_task"
+    assert {id(p) for p in group["params"]} == _params(model)
+    assert scheduler.get_last_lr() == [0.1]
+
+
+def test_single_task_with_an_embedding_optimizer_keeps_the_tables_apart():
+    model = HeavyRanker()
+    optimizer, scheduler = build_optimizer(model, {"single_task_learning_rate": {"constant": 0.1}}, ADAGRAD)
+    assert [g["name"] for g in optimizer.param_groups] == ["single_task", "embeddings"]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == _params(model.embedding_bags)
+    assert scheduler.get_last_lr() == [0.1, 0.1]
+
+
+def test_configs_may_be_yaml_text():
+    text = "optimizer:\n  single_task_learning_rate: {constant: 0.25}\n"
+    _, scheduler = build_optimizer(nn.Linear(2, 2), text)
+    assert scheduler.get_last_lr() == [0.25]
+
+
+# -- errors: every group needs a schedule and every schedule a group --------------------------------
+
+
+def test_a_parameter_in_two_towers_is_an_error():
+    model = nn.Module()
+    model.towers = nn.ModuleDict({"a": nn.ModuleDict({"b": nn.Linear(2, 1)})})
+    towers = {"a": {"constant": 0.1}, "b": {"constant": 0.1}}
+    with pytest.raises(ValueError, match=r"parameter 'towers\.a\.b\.weight' matches towers 'a' and 'b'"):
+        build_optimizer(model, _multi_task(towers, backbone=None))
+
+
+def test_a_tower_without_parameters_is_an_error():
+    towers = {"is_like": {"constant": 0.1}, "is_click": {"constant": 0.1}}
+    with pytest.raises(
+        ValueError, match=r"tower 'is_click' has a learning rate but no parameter name contains '\.is_click\.'"
+    ):
+        build_optimizer(HeavyRanker(), _multi_task(towers), ADAGRAD)
+
+
+def test_backbone_parameters_without_a_schedule_are_an_error():
+    message = r"2 parameters fall in group 'backbone' \('backbone\.0\.weight', 'backbone\.0\.bias'\)"
+    with pytest.raises(ValueError, match=message + " but backbone_learning_rate is not set"):
+        build_optimizer(HeavyRanker(), _multi_task(backbone=None), ADAGRAD)
+
+
+def test_a_backbone_schedule_without_parameters_is_an_error():
+    with pytest.raises(ValueError, match="backbone_learning_rate is set but group 'backbone' is empty"):
+        build_optimizer(HeavyRanker(backbone=False), _multi_task(), ADAGRAD)
+
+
+def test_embedding_parameters_without_an_embedding_optimizer_are_an_error():
+    with pytest.raises(
+        ValueError,
+        match=r"fall in group 'embeddings' \('embedding_bags\.user\.weight'\) but emb_optimizer_config is not set",
+    ):
+        build_optimizer(HeavyRanker(), _multi_task())
+
+
+def test_an_embedding_optimizer_without_embedding_parameters_is_an_error():
+    model = nn.Sequential(nn.Linear(2, 2))
+    message = "emb_optimizer_config is set but group 'embeddings' is empty: no parameter name contains 'embedding_bags'"
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(model, {"single_task_learning_rate": {"constant": 0.1}}, ADAGRAD)
+
+
+def test_rowwise_adagrad_is_refused_clearly():
+    rowwise = {**ADAGRAD, "adagrad": {"mode": "rowwise"}}
+    with pytest.raises(ValueError, match="row-wise Adagrad is not available"):
+        build_optimizer(HeavyRanker(), _multi_task(), rowwise)
+
+
+# -- schedules and training -------------------------------------------------------------------------
+
+
+def test_each_group_follows_its_own_schedule():
+    model = HeavyRanker()
+    optimizer, scheduler = build_optimizer(model, _multi_task(), ADAGRAD)
+    expected_by_step = {
+        # is_like constant 0.02; is_click.v2 ramps to 0.03 over 2 steps; backbone to 0.01 over 4;
+        # embeddings piecewise 0.1 then 0.05 from step 3.
+        0: [0.02, 0.0, 0.0, 0.1],
+        1: [0.02, 0.015, 0.0025, 0.1],
+        3: [0.02, 0.03, 0.0075, 0.05],
+        6: [0.02, 0.03, 0.01, 0.05],
+    }
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected_by_step[0])
+    config = _multi_task()["multi_task_learning_rates"]
+    schedules = [*config["tower_learning_rates"].values(), config["backbone_learning_rate"], ADAGRAD["learning_rate"]]
+    for step in range(1, 7):
+        _train(model, optimizer, scheduler, _batches(1, seed=step))
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs == [compute_lr(cfg, step) for cfg in scheduler.lr_configs]
+        assert [cfg.model_dump(exclude_none=True) for cfg in scheduler.lr_configs] == schedules
+        if step in expected_by_step:
+            assert lrs == pytest.approx(expected_by_step[step])
+    # The wrapped optimizers read the same dicts: the scheduler's rates reach them.
+    assert optimizer.dense.param_groups[2]["lr"] == 0.01
+    assert optimizer.embedding.param_groups[0]["lr"] == 0.05
+
+
+def test_training_resumes_from_a_combined_state_dict_with_identical_numbers():
+    model = HeavyRanker()
+    resumed_model = copy.deepcopy(model)
+    batches = _batches(6, seed=1)
+
+    optimizer, scheduler = build_optimizer(model, _multi_task(), ADAGRAD)
+    _train(model, optimizer, scheduler, batches)
+
+    # Same start: 3 steps, a checkpoint, a freshly built optimizer loading it, then the last 3 steps.
+    first, first_scheduler = build_optimizer(resumed_model, _multi_task(), ADAGRAD)
+    _train(resumed_model, first, first_scheduler, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"optimizer": first.state_dict(), "scheduler": first_scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    assert set(checkpoint["optimizer"]) == {"dense", "embedding"}
+
+    second, second_scheduler = build_optimizer(resumed_model, _multi_task(), ADAGRAD)
+    second.load_state_dict(checkpoint["optimizer"])
+    second_scheduler.load_state_dict(checkpoint["scheduler"])
+    _train(resumed_model, second, second_scheduler, batches[3:])
+
+    for (name, param), resumed_param in zip(model.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(param, resumed_param), name
+        state, resumed_state = optimizer.state[param], second.state[resumed_param]
+        assert state.keys() == resumed_state.keys()
+        for key in state:
+            assert torch.equal(state[key], resumed_state[key]), (name, key)
+    assert [g["lr"] for g in second.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert second.backends_used() and second.backends_used() <= set(BACKEND_NAMES)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+def test_sparse_embedding_gradients_train_with_adagrad():
+    model = HeavyRanker(sparse=True)
+    sparse = {**ADAGRAD, "adagrad": {"mode": "sparse"}}
+    optimizer, scheduler = build_optimizer(model, _multi_task(), sparse)
+    table = model.embedding_bags["user"].weight
+    before = table.detach().clone()
+    _train(model, optimizer, scheduler, _batches(2))
+    assert table.grad.is_sparse
+    assert not torch.equal(table, before)
+
+
+def test_combined_step_zero_grad_and_closure():
+    model = HeavyRanker()
+    optimizer, _ = build_optimizer(model, _multi_task(), ADAGRAD)
+    [(ids, offsets, target)] = _batches(1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((model(ids, offsets) - target) ** 2).mean()
+        loss.backward()
+        return loss
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = optimizer.step(closure)
+    assert loss.item() > 0
+    # Both optimizers stepped: the constant-rate tower and the embedding table moved.
+    assert not torch.equal(model.towers["is_like"][0].weight, before["towers.is_like.0.weight"])
+    assert not torch.equal(model.embedding_bags["user"].weight, before["embedding_bags.user.weight"])
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_combined_optimizer_rejects_foreign_state_dicts_and_new_groups():
+    optimizer, _ = build_optimizer(HeavyRanker(), _multi_task(), ADAGRAD)
+    with pytest.raises(ValueError, match=r"keys 'dense' and 'embedding'; got \['state'\]"):
+        optimizer.load_state_dict({"state": {}})
+    with pytest.raises(TypeError, match=r"add the group to CombinedOptimizer\.dense or \.embedding"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+
+
+def test_combined_optimizer_survives_deepcopy():
+    optimizer, _ = build_optimizer(HeavyRanker(), _multi_task(), ADAGRAD)
+    clone = copy.deepcopy(optimizer)
+    assert [g["name"] for g in clone.param_groups] == [g["name"] for g in optimizer.param_groups]
+    assert clone.param_groups[-1] is clone.embedding.param_groups[0]
