@@ -61,9 +61,14 @@ class Options:
     optimizer: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def make_kwargs(self) -> dict[str, Any]:
-        # Fresh tensors per optimizer: a Tensor lr must not be shared between the two sides.
-        return {k: v.clone() if torch.is_tensor(v) else v for k, v in self.kwargs.items()}
+    def make_kwargs(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """Fresh tensors per optimizer (a Tensor lr must not be shared between the two sides).
+
+        A Tensor lr is float64 for float64 parameters, as a user's would be: torch's non-fused
+        paths compute with the lr tensor's precision.
+        """
+        lr_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return {k: v.to(lr_dtype, copy=True) if torch.is_tensor(v) else v for k, v in self.kwargs.items()}
 
 
 OPTION_MATRIX: tuple[Options, ...] = (
@@ -182,7 +187,7 @@ def build_pair(
     ref_cls, test_cls = OPTIMIZERS[options.optimizer]
 
     def kwargs():
-        kw = options.make_kwargs()
+        kw = options.make_kwargs(dtype)
         if dtype in LOW_PRECISION:
             kw["fused"] = True  # the low-precision reference: fp32 math, one rounding
         return kw

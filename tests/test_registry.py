@@ -7,6 +7,7 @@ import torch
 
 import recap_kernels
 from recap_kernels import optim
+from recap_kernels import backends
 from recap_kernels.backends import BACKEND_NAMES, BucketKey, get_backend, resolve
 
 OURS = {"Adam", "AdamW", "Adagrad"}
@@ -51,9 +52,10 @@ def test_backend_unavailable_error_is_a_runtime_error():
 
 
 def test_auto_prefers_the_fastest_usable_backend_and_logs_it(caplog):
-    key = BucketKey(torch.device("cpu"), torch.float32, False)
+    key = BucketKey(torch.device("cpu"), torch.float32, "contiguous")
     group = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).param_groups[0]
     cpu_ok = recap_kernels.available_backends("cpu")["cpu"][0]
+    backends._log_choice.cache_clear()  # each decision is logged once per process
     with caplog.at_level(logging.DEBUG, logger="recap_kernels"):
         chosen = resolve("auto", key, "adam", [group])
     assert chosen.name == ("cpu" if cpu_ok else "torch")

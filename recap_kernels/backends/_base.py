@@ -30,16 +30,31 @@ class Availability(NamedTuple):
 OK = Availability(True, "")
 
 
+# Memory layouts of a parameter and its gradient, as buckets see them.
+CONTIGUOUS = "contiguous"  # parameter and gradient both contiguous: every kernel takes these
+STRIDED = "strided"  # a non-contiguous parameter or gradient: the torch backend's job
+SPARSE = "sparse"  # a sparse COO gradient
+
+
 class BucketKey(NamedTuple):
-    """Tensors that can share one launch: same device, same dtype, same gradient layout."""
+    """Tensors that can share one launch: same device, same dtype, same memory layout."""
 
     device: torch.device
     dtype: torch.dtype
-    sparse: bool
+    layout: str
+
+    @property
+    def sparse(self) -> bool:
+        return self.layout == SPARSE
 
     def __str__(self) -> str:
-        layout = "sparse" if self.sparse else "dense"
-        return f"{layout} {str(self.dtype).removeprefix('torch.')} tensors on {self.device}"
+        return f"{self.layout} {str(self.dtype).removeprefix('torch.')} tensors on {self.device}"
+
+
+def layout_of(p: Tensor, grad: Tensor) -> str:
+    if grad.is_sparse:
+        return SPARSE
+    return CONTIGUOUS if p.is_contiguous() and grad.is_contiguous() else STRIDED
 
 
 @dataclass
@@ -51,6 +66,8 @@ class Bucket:
     dict (lr, betas, weight decay, flags) exactly as the optimizer holds it.
     ``state`` maps torch's state key names (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
     ``sum``) to per-tensor lists; ``steps`` are the per-tensor ``state["step"]`` tensors.
+    ``cache`` persists across steps for this optimizer and bucket key: backends keep their device
+    tables there and rebuild them when the tensors change.
     """
 
     key: BucketKey
@@ -60,6 +77,7 @@ class Bucket:
     grads: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     state: dict[str, list[Tensor]] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.params)

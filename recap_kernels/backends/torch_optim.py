@@ -25,14 +25,33 @@ def supports(kind: str, key: BucketKey, groups) -> Availability:
 
 
 def _amp_args(group, grad_scale, found_inf):
-    # torch's single-tensor and foreach paths assert that no AMP tensors reach them; only its
-    # fused path unscales in-kernel (and only then does the optimizer advertise AMP support).
+    # Only torch's fused path takes the AMP tensors; the others get unscaled gradients (_unscale).
     if group["fused"]:
         return {"grad_scale": grad_scale, "found_inf": found_inf}
     return {}
 
 
+def _unscale(bucket: Bucket, grad_scale, found_inf) -> bool:
+    """For torch's non-fused paths, do what GradScaler does for a non-fused optimizer.
+
+    Returns False when ``found_inf`` says to skip the step. Reading it is a host sync, exactly
+    the one GradScaler makes for optimizers that cannot take ``found_inf``.
+    """
+    if found_inf is None and grad_scale is None or all(g["fused"] for g in bucket.groups):
+        return True
+    if found_inf is not None and found_inf.item() != 0:
+        return False
+    if grad_scale is not None:
+        for group, _, grads, _, _ in bucket.per_group():
+            if not group["fused"]:
+                for g in grads:  # sparse gradients included, so no foreach here
+                    g.div_(grad_scale.to(g.device))
+    return True
+
+
 def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+    if not _unscale(bucket, grad_scale, found_inf):
+        return
     for group, params, grads, steps, state in bucket.per_group():
         beta1, beta2 = group["betas"]
         _torch_adam(
@@ -60,6 +79,8 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
 
 
 def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+    if not _unscale(bucket, grad_scale, found_inf):
+        return
     for group, params, grads, steps, state in bucket.per_group():
         _torch_adagrad(
             params,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from recap_kernels.backends import Backend, Bucket, BucketKey, check_backend_name, resolve
+from recap_kernels.backends._base import layout_of
 
 _STEP_DTYPE = torch.float32
 
@@ -41,6 +42,10 @@ class FusedStepMixin:
     def _setup_backend(self, backend: str) -> None:
         self._backend_request = check_backend_name(backend)
         self._last_backends: frozenset[str] = frozenset()
+        self._bucket_caches: dict[BucketKey, dict] = {}  # per-bucket backend tables, see Bucket.cache
+        # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels
+        # unscale in place and skip an overflowing step without a host sync.
+        self._step_supports_amp_scaling = True
 
     @property
     def backend(self) -> str:
@@ -86,7 +91,7 @@ class FusedStepMixin:
                 if grad is None:
                     continue
                 self._check_param(group, p, grad)
-                key = BucketKey(p.device, p.dtype, grad.is_sparse)
+                key = BucketKey(p.device, p.dtype, layout_of(p, grad))
                 spans = members.setdefault(key, [])
                 if not spans or spans[-1][0] != gi:
                     spans.append((gi, []))
@@ -99,7 +104,7 @@ class FusedStepMixin:
         # Phase 2: nothing below raises for valid input; state is created only now.
         plan = []
         for key, spans in members.items():
-            bucket = Bucket(key)
+            bucket = Bucket(key, cache=self._bucket_caches.setdefault(key, {}))
             for gi, params in spans:
                 group = self.param_groups[gi]
                 keys = self._state_keys(group)
@@ -147,4 +152,6 @@ class FusedStepMixin:
         # torch pickles only defaults, state and param_groups: the backend request starts over.
         self.__dict__.setdefault("_backend_request", "auto")
         self.__dict__.setdefault("_last_backends", frozenset())
+        self.__dict__.setdefault("_bucket_caches", {})
+        self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self._place_steps()

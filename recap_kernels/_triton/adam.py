@@ -1,0 +1,134 @@
+"""Fused multi-tensor Adam/AdamW in Triton: one launch updates every tensor of a bucket.
+
+Pointer table slots (see ``multi_tensor``): 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq,
+4 max_exp_avg_sq (amsgrad only), last the step. Hyperparameter row per group:
+``lr, beta1, beta2, eps, weight_decay``.
+
+Each program reads its tensor's ``step`` from the device, computes the bias corrections in fp64
+(as torch does with Python floats) and updates one chunk; a second, tiny launch then advances
+every step counter, since programs of the same tensor must all read the old count. A step with
+``found_inf`` set changes nothing, counters included: the whole path needs no host sync and can
+be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from recap_kernels._triton._math import _adam_math, _load_lr, _pow_scalar, _to_storage
+from recap_kernels._triton.multi_tensor import TensorTable
+
+ROW = tl.constexpr(5)  # hyperparameters per group row: lr, beta1, beta2, eps, weight_decay
+
+
+@triton.jit
+def _adam_kernel(
+    ptrs, numel_ptr, tensor_group_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, lr_addr_ptr,
+    grad_scale_ptr, found_inf_ptr, num_tensors, num_groups,
+    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    chunk_start = tl.load(chunk_start_ptr + pid)
+    numel = tl.load(numel_ptr + t)
+
+    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(ptrs + 3 * num_tensors + t).to(tl.pointer_type(DTYPE))
+    if AMSGRAD:
+        v_max_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(DTYPE))
+        step_ptr = tl.load(ptrs + 5 * num_tensors + t).to(tl.pointer_type(tl.float32))
+    else:
+        v_max_ptr = v_ptr  # unused
+        step_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(tl.float32))
+
+    # Per-tensor scalars, in fp64 like torch's Python floats, rounded once to the math dtype.
+    group = tl.load(tensor_group_ptr + t)
+    row = hyper_ptr + group * ROW
+    lr = tl.load(row)
+    lr = _load_lr(lr, lr_addr_ptr, group, num_groups)
+    beta1 = tl.load(row + 1)
+    beta2 = tl.load(row + 2)
+    eps = tl.load(row + 3).to(MATH_DTYPE)
+    weight_decay = tl.load(row + 4)
+    step = tl.load(step_ptr).to(tl.float64) + 1.0
+    bias_correction1 = 1.0 - _pow_scalar(beta1, step)
+    bias_correction2 = 1.0 - _pow_scalar(beta2, step)
+    step_size = (lr / bias_correction1).to(MATH_DTYPE)
+    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(MATH_DTYPE)
+    decay_factor = (1.0 - lr * weight_decay).to(MATH_DTYPE)
+    one_minus_beta1 = (1.0 - beta1).to(MATH_DTYPE)
+    one_minus_beta2 = (1.0 - beta2).to(MATH_DTYPE)
+    beta2 = beta2.to(MATH_DTYPE)
+    weight_decay = weight_decay.to(MATH_DTYPE)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float64)
+
+    for block in range(0, CHUNK_SIZE, BLOCK_SIZE):
+        offs = chunk_start + block + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+        mask = offs < numel
+        p = tl.load(p_ptr + offs, mask=mask).to(MATH_DTYPE)
+        g = tl.load(g_ptr + offs, mask=mask).to(MATH_DTYPE)
+        m = tl.load(m_ptr + offs, mask=mask).to(MATH_DTYPE)
+        v = tl.load(v_ptr + offs, mask=mask).to(MATH_DTYPE)
+        if AMSGRAD:
+            v_max = tl.load(v_max_ptr + offs, mask=mask).to(MATH_DTYPE)
+        else:
+            v_max = v
+        if HAS_GRAD_SCALE:
+            g = (g.to(tl.float64) / grad_scale).to(MATH_DTYPE)
+            tl.store(g_ptr + offs, _to_storage(g, DTYPE), mask=mask)  # torch's fused path stores unscaled grads
+        p, m, v, v_max = _adam_math(
+            p, g, m, v, v_max,
+            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+            bias_correction2_sqrt, AMSGRAD, DECOUPLED, MAXIMIZE,
+        )
+        tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
+        tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=mask)
+        tl.store(v_ptr + offs, _to_storage(v, DTYPE), mask=mask)
+        if AMSGRAD:
+            tl.store(v_max_ptr + offs, _to_storage(v_max, DTYPE), mask=mask)
+
+
+@triton.jit
+def _increment_steps_kernel(step_addrs_ptr, num_tensors, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr):
+    """``step += 1`` for every tensor of the bucket (``+= 1 - found_inf`` under AMP)."""
+    i = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = i < num_tensors
+    steps = tl.load(step_addrs_ptr + i, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    increment = 1.0
+    if HAS_FOUND_INF:
+        increment = 1.0 - tl.load(found_inf_ptr)
+    tl.store(steps, tl.load(steps, mask=mask) + increment, mask=mask)
+
+
+def increment_steps(table: TensorTable, step_slot: int, found_inf) -> None:
+    block = 256
+    grid = (triton.cdiv(table.num_tensors, block),)
+    _increment_steps_kernel[grid](
+        table.ptrs[step_slot], table.num_tensors, found_inf, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=block
+    )
+
+
+def adam_launch(table: TensorTable, *, dtype, math_dtype, amsgrad: bool, decoupled: bool, maximize: bool,
+                grad_scale=None, found_inf=None) -> None:
+    """Update every tensor of ``table`` in one launch, then advance their step counters."""
+    cfg = table.config
+    if table.num_chunks:
+        _adam_kernel[(table.num_chunks,)](
+            table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
+            table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
+            DTYPE=dtype, MATH_DTYPE=math_dtype, AMSGRAD=amsgrad, DECOUPLED=decoupled, MAXIMIZE=maximize,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
+        )
+    increment_steps(table, 5 if amsgrad else 4, found_inf)
