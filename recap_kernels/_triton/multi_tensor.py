@@ -24,6 +24,7 @@ and uploaded only when they differ.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ class LaunchConfig:
 _DEFAULT_CONFIG = LaunchConfig(block_size=1024, chunk_size=16384, num_warps=4)
 _CONFIGS: dict[tuple[int, int], LaunchConfig] = {}
 # The interpreter runs a program as numpy operations: fewer, larger programs are faster there.
-_INTERPRETER_CONFIG = LaunchConfig(block_size=1024, chunk_size=4096, num_warps=1)
+_INTERPRETER_CONFIG = LaunchConfig(block_size=8192, chunk_size=8192, num_warps=1)
 
 
 def launch_config(device: torch.device) -> LaunchConfig:
@@ -79,7 +80,6 @@ class TensorTable:
         self.config = config
         self.num_tensors = len(slots[0])
         self.num_groups = len(group_sizes)
-        self.static_key = self.static_key_of(slots, group_sizes)
         self.grad_addresses = _addresses(slots[GRAD_SLOT])
         self.ptrs = torch.tensor([_addresses(s) for s in slots], dtype=torch.int64).to(device)
         numel = torch.tensor([t.numel() for t in slots[0]], dtype=torch.int64)
@@ -141,12 +141,25 @@ class TensorTable:
         self._hyper_key = key
 
 
+_TABLES_PER_BUCKET = 4
+
+
 def table_for(cache: dict, name: str, slots: list[list[Tensor]], group_sizes: list[int], device) -> TensorTable:
-    """The cached :class:`TensorTable` called ``name`` in ``cache``, rebuilt when the tensors changed."""
-    table = cache.get(name)
-    if table is None or table.static_key != TensorTable.static_key_of(slots, group_sizes):
+    """The :class:`TensorTable` for these tensors, from ``cache`` when it has one.
+
+    A few tables are kept per bucket (least recently used first out), so a parameter whose
+    gradient is ``None`` every other step switches between two cached tables instead of
+    rebuilding one.
+    """
+    tables = cache.setdefault(name, OrderedDict())
+    key = TensorTable.static_key_of(slots, group_sizes)
+    table = tables.get(key)
+    if table is None:
         table = TensorTable(slots, group_sizes, launch_config(device), device)
-        cache[name] = table
+        tables[key] = table
+        if len(tables) > _TABLES_PER_BUCKET:
+            tables.popitem(last=False)
     else:
+        tables.move_to_end(key)
         table.refresh_grads(slots[GRAD_SLOT])
     return table

@@ -1,0 +1,232 @@
+"""The triton backend's multi-tensor machinery (its numbers are checked by the shared harness).
+
+On a machine without a GPU these run through Triton's interpreter (see conftest.py).
+"""
+
+import pytest
+import torch
+
+from recap_kernels import BackendUnavailableError, available_backends, optim
+from recap_kernels._triton import multi_tensor
+from tests.reference import assert_optimizer_close, make_grads, make_params, roundtrip_state_dict, train
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not available_backends(DEVICE)["triton"][0],
+                                reason=f"triton backend unavailable: {available_backends(DEVICE)['triton'][1]}")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches per optimizer family."""
+    from recap_kernels._triton import adagrad, adam
+
+    counts = {"adam": 0, "adagrad": 0}
+    for module, name in ((adam, "adam"), (adagrad, "adagrad")):
+        real = getattr(module, f"{name}_launch")
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, f"{name}_launch", counting)
+    return counts
+
+
+def _pair(shapes, dtype=torch.float32, seed=0):
+    init = make_params(shapes, dtype, DEVICE, seed=seed)
+    return [p.clone().requires_grad_() for p in init], [p.clone().requires_grad_() for p in init]
+
+
+def _eleven_groups(params, lrs):
+    return [{"params": params[i::11], "lr": lr} for i, lr in enumerate(lrs)]
+
+
+def test_300_tensors_in_11_groups_step_in_one_launch(launches):
+    gen = torch.Generator().manual_seed(7)
+    # Sizes 1 ... 70,000, log-uniform (like a model's mix of biases and weights), kept small enough
+    # for the interpreter.
+    sizes = torch.exp(torch.rand(300, generator=gen) * torch.log(torch.tensor(70_000.0))).long().tolist()
+    sizes[0], sizes[1] = 1, 70_000
+    ref_params, params = _pair([(n,) for n in sizes])
+    lrs = [1e-3 * (i + 1) for i in range(11)]
+    ref = torch.optim.Adam(_eleven_groups(ref_params, lrs), weight_decay=0.01)
+    opt = optim.Adam(_eleven_groups(params, lrs), weight_decay=0.01, backend="triton")
+    grads = make_grads(ref_params, 3)
+    train(ref, ref_params, grads)
+    train(opt, params, grads)
+    assert launches["adam"] == 3  # one per step for all 300 tensors and 11 learning rates
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+def _tables(opt):
+    return {id(t) for cache in opt._bucket_caches.values() for tables in cache.values() for t in tables.values()}
+
+
+def test_scheduler_lr_changes_reach_the_kernel_without_rebuilding_tables():
+    ref_params, params = _pair([(5,), (4097,), (3,)])
+    ref = torch.optim.AdamW([{"params": ref_params[:2]}, {"params": ref_params[2:]}])
+    opt = optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], backend="triton")
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, [lambda s: 0.5**s, lambda s: 1 + s]) for o in (ref, opt)]
+    gen = torch.Generator().manual_seed(5)
+    tables = set()
+    for _ in range(6):
+        step_grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in params]
+        for o, ps, sched in ((ref, ref_params, schedules[0]), (opt, params, schedules[1])):
+            train(o, ps, [step_grads])
+            sched.step()
+        tables |= _tables(opt)
+    assert len(tables) == 1
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+def test_a_gradient_missing_every_other_step_reuses_cached_tables():
+    ref_params, params = _pair([(5,), (300,), (3,)])
+    ref, opt = torch.optim.Adam(ref_params), optim.Adam(params, backend="triton")
+    gen = torch.Generator().manual_seed(6)
+    tables = set()
+    for step in range(6):
+        step_grads = [None if i == 1 and step % 2 else torch.randn(p.shape, generator=gen).to(DEVICE)
+                      for i, p in enumerate(params)]
+        train(ref, ref_params, [step_grads])
+        train(opt, params, [step_grads])
+        tables |= _tables(opt)
+    assert len(tables) == 2
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+def test_param_group_added_after_the_first_step():
+    ref_params, params = _pair([(7,), (130,), (33, 5), (2,)])
+    ref = torch.optim.Adam(ref_params[:2], lr=0.01)
+    opt = optim.Adam(params[:2], lr=0.01, backend="triton")
+    grads = make_grads(ref_params, 6)
+    train(ref, ref_params, grads[:3])
+    train(opt, params, grads[:3])
+    ref.add_param_group({"params": ref_params[2:], "lr": 0.05, "betas": (0.5, 0.9)})
+    opt.add_param_group({"params": params[2:], "lr": 0.05, "betas": (0.5, 0.9)})
+    train(ref, ref_params, grads[3:])
+    train(opt, params, grads[3:])
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+def test_mixed_dtypes_in_one_group_are_two_buckets(launches):
+    init = make_params([(9,), (100,)], torch.float32, DEVICE) + make_params([(17,), (4097,)], torch.bfloat16, DEVICE)
+    ref_params = [p.clone().requires_grad_() for p in init]
+    params = [p.clone().requires_grad_() for p in init]
+    ref = torch.optim.Adagrad(ref_params, lr_decay=0.01, fused=True)
+    opt = optim.Adagrad(params, lr_decay=0.01, backend="triton")
+    grads = make_grads(ref_params, 4)
+    train(ref, ref_params, grads)
+    train(opt, params, grads)
+    assert launches["adagrad"] == 8  # two buckets, four steps
+    assert len(opt._bucket_caches) == 2
+    assert_optimizer_close(ref, ref_params[:2], opt, params[:2], torch.float32)
+    assert_optimizer_close(ref, ref_params[2:], opt, params[2:], torch.bfloat16)
+
+
+def test_tables_follow_replaced_state(launches):
+    """Loading a state_dict swaps the state tensors: the cached addresses must not be reused."""
+    ref_params, params = _pair([(50,), (3,)])
+    ref = torch.optim.Adam(ref_params, amsgrad=True)
+    opt = optim.Adam(params, amsgrad=True, backend="triton")
+    grads = make_grads(ref_params, 6)
+    train(ref, ref_params, grads[:3])
+    train(opt, params, grads[:3])
+    opt.load_state_dict(roundtrip_state_dict(ref, DEVICE))  # same numbers, new tensors
+    train(ref, ref_params, grads[3:])
+    train(opt, params, grads[3:])
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+def test_multi_chunk_tensors(monkeypatch):
+    """Tensors spanning many programs, with tails, and a chunk a multiple of the block."""
+    small = multi_tensor.LaunchConfig(block_size=64, chunk_size=256, num_warps=1)
+    monkeypatch.setattr(multi_tensor, "launch_config", lambda device: small)
+    ref_params, params = _pair([(1000,), (256,), (257,), (1,)])
+    ref = torch.optim.Adam(ref_params, weight_decay=0.1, amsgrad=True)
+    opt = optim.Adam(params, weight_decay=0.1, amsgrad=True, backend="triton")
+    grads = make_grads(ref_params, 4)
+    train(ref, ref_params, grads)
+    train(opt, params, grads)
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+def test_backends_used_names_triton_only_when_it_ran():
+    dense = torch.randn(8, 4, device=DEVICE).requires_grad_()
+    strided = torch.randn(4, 8, device=DEVICE).t().requires_grad_()  # non-contiguous: torch's job
+    opt = optim.Adam([dense, strided], backend="auto" if DEVICE == "cuda" else "triton")
+    dense.grad = torch.randn_like(dense)
+    if DEVICE == "cpu":
+        # CPU's auto order is cpu > torch; an explicit triton refuses what it cannot take.
+        strided.grad = torch.randn_like(strided)
+        with pytest.raises(BackendUnavailableError, match="contiguous dense tensors, not strided"):
+            opt.step()
+        strided.grad = None
+    opt.step()
+    assert opt.backends_used() == {"triton"}
+
+
+def test_auto_routes_what_triton_cannot_take_to_torch(monkeypatch):
+    monkeypatch.setenv("RECAP_KERNELS_BACKEND", "triton")
+    dense = torch.randn(8, 4, device=DEVICE).requires_grad_()
+    opt = optim.Adam([dense])
+    dense.grad = torch.randn_like(dense)
+    opt.step()
+    assert opt.backends_used() == {"triton"}
+    emb = torch.nn.Embedding(10, 3, sparse=True).to(DEVICE)
+    emb(torch.tensor([1, 2, 2], device=DEVICE)).sum().backward()
+    sparse_opt = optim.Adagrad(emb.parameters())
+    with pytest.raises(BackendUnavailableError, match="not sparse ones"):
+        sparse_opt.step()
+
+
+def test_amp_scaler_like_call_unscales_in_kernel_and_skips_on_overflow():
+    ref_params, params = _pair([(33,), (4,)])
+    ref = torch.optim.Adam(ref_params, fused=True)
+    opt = optim.Adam(params, backend="triton")
+    grads = make_grads(ref_params, 3)
+    scale = torch.tensor(1024.0, device=DEVICE)
+    for step, step_grads in enumerate(grads):
+        found_inf = torch.tensor(1.0 if step == 1 else 0.0, device=DEVICE)
+        for o, ps in ((ref, ref_params), (opt, params)):
+            for p, g in zip(ps, step_grads):
+                p.grad = None if g is None else g * scale
+            o.grad_scale, o.found_inf = scale, found_inf  # what GradScaler.step sets
+            o.step()
+            del o.grad_scale, o.found_inf
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p.grad, r.grad)  # unscaled in place (unless skipped), as torch's fused path
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+    assert opt.state[params[0]]["step"].item() == 2  # the overflow step was not counted
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_replays_like_eager_steps():
+    init = make_params([(1000,), (4097,), (3,)], torch.float32, "cuda")
+    eager_params = [p.clone().requires_grad_() for p in init]
+    graph_params = [p.clone().requires_grad_() for p in init]
+    lr = torch.tensor(1e-3, device="cuda")
+    eager = optim.Adam(eager_params, lr=lr.clone(), capturable=True, backend="triton")
+    captured = optim.Adam(graph_params, lr=lr, capturable=True, backend="triton")
+    grads = make_grads(init, 8)
+    static_grads = [torch.zeros_like(p) for p in graph_params]
+    for p, g in zip(graph_params, static_grads):
+        p.grad = g
+    # Warm up on a side stream (tables built, kernels compiled), then capture one step.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for g, s in zip(grads[0], static_grads):
+            s.copy_(g)
+        captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+    train(eager, eager_params, grads[:1])
+    for step_grads in grads[1:]:
+        for g, s in zip(step_grads, static_grads):
+            s.copy_(g)
+        graph.replay()
+        train(eager, eager_params, [step_grads])
+    torch.cuda.synchronize()
+    assert_optimizer_close(eager, eager_params, captured, graph_params, torch.float32)
