@@ -61,3 +61,30 @@ def test_harness_catches_a_small_error(monkeypatch, family):
     monkeypatch.setattr(torch_optim, f"{kind}_step", slightly_wrong)
     with pytest.raises(AssertionError):
         check_equivalence("torch", options, torch.float32)
+
+
+GPU_BACKENDS = [name for name, (ok, _) in available_backends("cuda").items() if ok] if torch.cuda.is_available() else []
+# Realistic sizes: a 1e7-element tensor, tails, an empty tensor, a matrix; the 300-tensor bucket
+# of the recap towers is in test_triton.py / the benchmark.
+GPU_SHAPES = ((10_000_019,), (1,), (3,), (4097,), (0,), (1024, 1023), (65_537,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("options", OPTION_MATRIX, ids=lambda o: o.id)
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
+def test_matches_torch_on_gpu(backend, options, dtype):
+    if backend == "none":
+        pytest.skip(f"no kernel backend can run CUDA tensors here: {available_backends('cuda')}")
+    opt = check_equivalence(backend, options, dtype, device="cuda", shapes=GPU_SHAPES)
+    assert opt.backends_used() == {backend}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resume", ["from_torch", "to_torch"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
+def test_resume_across_implementations_on_gpu(backend, resume):
+    if backend == "none":
+        pytest.skip("no kernel backend can run CUDA tensors here")
+    for options in OPTION_MATRIX:
+        check_equivalence(backend, options, torch.float32, device="cuda", shapes=GPU_SHAPES, resume=resume)

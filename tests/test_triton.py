@@ -230,3 +230,13 @@ def test_cuda_graph_capture_replays_like_eager_steps():
         train(eager, eager_params, [step_grads])
     torch.cuda.synchronize()
     assert_optimizer_close(eager, eager_params, captured, graph_params, torch.float32)
+
+
+@pytest.mark.parametrize("options", ["adam-amsgrad-wd", "adamw-amsgrad-maximize", "adam-lr-tensor",
+                                     "adagrad-wd-maximize", "adagrad-lr-decay"])
+def test_cuda_operation_order_is_accurate_in_fp32(monkeypatch, options):
+    """The order of torch's CUDA kernels, run on this machine: fp32 results within the harness tolerance."""
+    from tests.reference import OPTION_MATRIX, check_equivalence
+
+    monkeypatch.setattr(multi_tensor, "torch_cuda_order", lambda device: True)
+    check_equivalence("triton", next(o for o in OPTION_MATRIX if o.id == options), torch.float32, device=DEVICE)

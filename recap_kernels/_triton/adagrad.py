@@ -9,8 +9,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from recap_kernels._triton._math import _adagrad_math, _load_lr, _to_storage
+from recap_kernels._triton._math import _adagrad_math, _load_lr, _to_storage, _unscale
 from recap_kernels._triton.adam import increment_steps
+from recap_kernels._triton import multi_tensor
 from recap_kernels._triton.multi_tensor import TensorTable
 
 ROW = tl.constexpr(4)  # hyperparameters per group row: lr, lr_decay, eps, weight_decay
@@ -20,7 +21,7 @@ ROW = tl.constexpr(4)  # hyperparameters per group row: lr, lr_decay, eps, weigh
 def _adagrad_kernel(
     ptrs, numel_ptr, tensor_group_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, lr_addr_ptr,
     grad_scale_ptr, found_inf_ptr, num_tensors, num_groups,
-    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, CUDA_ORDER: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -42,12 +43,12 @@ def _adagrad_kernel(
     lr = tl.load(row)
     lr = _load_lr(lr, lr_addr_ptr, group, num_groups)
     lr_decay = tl.load(row + 1)
-    eps = tl.load(row + 2).to(MATH_DTYPE)
-    weight_decay = tl.load(row + 3).to(MATH_DTYPE)
+    eps = tl.load(row + 2)
+    weight_decay = tl.load(row + 3)
     step = tl.load(step_ptr).to(tl.float64) + 1.0
-    clr = (lr / (1.0 + (step - 1.0) * lr_decay)).to(MATH_DTYPE)
+    clr = lr / (1.0 + (step - 1.0) * lr_decay)
     if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float64)
+        grad_scale = tl.load(grad_scale_ptr)
 
     for block in range(0, CHUNK_SIZE, BLOCK_SIZE):
         offs = chunk_start + block + tl.arange(0, BLOCK_SIZE).to(tl.int64)
@@ -56,9 +57,9 @@ def _adagrad_kernel(
         g = tl.load(g_ptr + offs, mask=mask).to(MATH_DTYPE)
         acc = tl.load(acc_ptr + offs, mask=mask).to(MATH_DTYPE)
         if HAS_GRAD_SCALE:
-            g = (g.to(tl.float64) / grad_scale).to(MATH_DTYPE)
+            g = _unscale(g, grad_scale, CUDA_ORDER)
             tl.store(g_ptr + offs, _to_storage(g, DTYPE), mask=mask)  # torch's fused path stores unscaled grads
-        p, acc = _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE)
+        p, acc = _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE, CUDA_ORDER)
         tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
         tl.store(acc_ptr + offs, _to_storage(acc, DTYPE), mask=mask)
 
@@ -70,7 +71,7 @@ def adagrad_launch(table: TensorTable, *, dtype, math_dtype, maximize: bool, gra
         _adagrad_kernel[(table.num_chunks,)](
             table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
             table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
-            DTYPE=dtype, MATH_DTYPE=math_dtype, MAXIMIZE=maximize,
+            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device), MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
         )

@@ -16,7 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from recap_kernels._triton._math import _adam_math, _load_lr, _pow_scalar, _to_storage
+from recap_kernels._triton._math import _adam_math, _adam_scalars, _load_lr, _to_storage, _unscale
+from recap_kernels._triton import multi_tensor
 from recap_kernels._triton.multi_tensor import TensorTable
 
 ROW = tl.constexpr(5)  # hyperparameters per group row: lr, beta1, beta2, eps, weight_decay
@@ -26,7 +27,7 @@ ROW = tl.constexpr(5)  # hyperparameters per group row: lr, beta1, beta2, eps, w
 def _adam_kernel(
     ptrs, numel_ptr, tensor_group_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, lr_addr_ptr,
     grad_scale_ptr, found_inf_ptr, num_tensors, num_groups,
-    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, CUDA_ORDER: tl.constexpr,
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -55,22 +56,13 @@ def _adam_kernel(
     row = hyper_ptr + group * ROW
     lr = tl.load(row)
     lr = _load_lr(lr, lr_addr_ptr, group, num_groups)
-    beta1 = tl.load(row + 1)
-    beta2 = tl.load(row + 2)
-    eps = tl.load(row + 3).to(MATH_DTYPE)
-    weight_decay = tl.load(row + 4)
     step = tl.load(step_ptr).to(tl.float64) + 1.0
-    bias_correction1 = 1.0 - _pow_scalar(beta1, step)
-    bias_correction2 = 1.0 - _pow_scalar(beta2, step)
-    step_size = (lr / bias_correction1).to(MATH_DTYPE)
-    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(MATH_DTYPE)
-    decay_factor = (1.0 - lr * weight_decay).to(MATH_DTYPE)
-    one_minus_beta1 = (1.0 - beta1).to(MATH_DTYPE)
-    one_minus_beta2 = (1.0 - beta2).to(MATH_DTYPE)
-    beta2 = beta2.to(MATH_DTYPE)
-    weight_decay = weight_decay.to(MATH_DTYPE)
+    step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay = (
+        _adam_scalars(lr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), step,
+                      MATH_DTYPE, CUDA_ORDER)
+    )
     if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float64)
+        grad_scale = tl.load(grad_scale_ptr)
 
     for block in range(0, CHUNK_SIZE, BLOCK_SIZE):
         offs = chunk_start + block + tl.arange(0, BLOCK_SIZE).to(tl.int64)
@@ -84,12 +76,12 @@ def _adam_kernel(
         else:
             v_max = v
         if HAS_GRAD_SCALE:
-            g = (g.to(tl.float64) / grad_scale).to(MATH_DTYPE)
+            g = _unscale(g, grad_scale, CUDA_ORDER)
             tl.store(g_ptr + offs, _to_storage(g, DTYPE), mask=mask)  # torch's fused path stores unscaled grads
         p, m, v, v_max = _adam_math(
             p, g, m, v, v_max,
-            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-            bias_correction2_sqrt, AMSGRAD, DECOUPLED, MAXIMIZE,
+            step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+            decay, AMSGRAD, DECOUPLED, MAXIMIZE, CUDA_ORDER,
         )
         tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
         tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=mask)
@@ -127,7 +119,7 @@ def adam_launch(table: TensorTable, *, dtype, math_dtype, amsgrad: bool, decoupl
         _adam_kernel[(table.num_chunks,)](
             table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
             table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
-            DTYPE=dtype, MATH_DTYPE=math_dtype, AMSGRAD=amsgrad, DECOUPLED=decoupled, MAXIMIZE=maximize,
+            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device), AMSGRAD=amsgrad, DECOUPLED=decoupled, MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
         )

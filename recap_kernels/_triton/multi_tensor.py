@@ -58,6 +58,14 @@ def launch_config(device: torch.device) -> LaunchConfig:
     return _CONFIGS.get(torch.cuda.get_device_capability(device), _DEFAULT_CONFIG)
 
 
+def torch_cuda_order(device: torch.device) -> bool:
+    """Whether kernels follow the operation order of torch's CUDA fused kernels, else its CPU ones.
+
+    Low-precision results match torch's fused path of the same device to one ulp (see _math.py).
+    """
+    return device.type == "cuda"
+
+
 def _addresses(tensors: list[Tensor]) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in tensors)
 
