@@ -1,0 +1,81 @@
+"""``python -m recap_kernels info | bench``: what they print and write, never how fast anything ran."""
+
+import json
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+
+from recap_kernels._cli import main
+from recap_kernels.backends import BACKEND_NAMES
+from recap_kernels.bench import run, workloads
+from recap_kernels.builder import build_optimizer
+
+TINY_BENCH = ["bench", "--device", "cpu", "--size", "small", "--steps", "2", "--warmup", "1"]
+
+
+def test_info_reports_versions_build_and_every_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for text in (torch.__version__, "cpu extension", "cuda extension", "cuda archs", "_C", *BACKEND_NAMES):
+        assert text in out
+
+
+def test_module_entry_point_runs_info():
+    result = subprocess.run(
+        [sys.executable, "-m", "recap_kernels", "info"], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backends" in result.stdout
+
+
+def test_bench_writes_rows_that_pass_the_check(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    assert main([*TINY_BENCH, "--backends", "torch,torch-fused", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    for name in BACKEND_NAMES:
+        assert name in out
+    rows = {row["contender"]: row for row in json.loads(path.read_text())}
+    assert set(rows) == {"recap-torch", "torch-fused"}
+    reference = rows["recap-torch"]
+    assert reference["backend"] == "torch" and reference["backends_used"] == ["torch"]
+    assert reference["check"] == rows["torch-fused"]["check"] == "OK"
+    assert 0 < reference["p20"] <= reference["p50"] <= reference["p80"]
+    assert reference["n_params"] > 0 and reference["gbps"] > 0
+    assert 20 < reference["bytes_per_param"] < 28  # a mix of Adam (28 B) and Adagrad (20 B) parameters
+
+
+def test_bench_fails_on_a_contender_that_disagrees(monkeypatch, capsys):
+    # Weight decay the reference does not have: the parameters must come out different.
+    wrong = partial(run._stock_torch, partial(torch.optim.Adam, weight_decay=0.5), torch.optim.Adagrad)
+    monkeypatch.setitem(run.CONTENDERS, "torch-fused", run.Contender("torch-fused", wrong))
+    assert main([*TINY_BENCH, "--backends", "torch-fused"]) == 1
+    assert "MISMATCH torch-fused" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_and_unavailable_backends(capsys):
+    assert main([*TINY_BENCH, "--backends", "numpy"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+    assert main([*TINY_BENCH, "--backends", "cuda"]) == 2
+    assert "cannot run on cpu" in capsys.readouterr().err
+
+
+def test_workload_groups_like_a_recap_model():
+    workload = workloads.workload_for_size("small", torch.device("cpu"))
+    model = workloads.build_model(workload, "cpu")
+    optimizer, _ = build_optimizer(model, *workloads.load_optimizer_configs(), backend="torch")
+    names = [group["name"] for group in optimizer.param_groups]
+    assert names == [*workload.tasks, "backbone", "embeddings"]
+    assert len(workload.tasks) == 10
+    assert any(".recap__engagement__is_clicked." in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.gpu
+def test_bench_on_cuda_agrees_across_every_available_backend(tmp_path):
+    path = tmp_path / "rows.json"
+    assert main(["bench", "--device", "cuda", "--size", "small", "--steps", "3", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert {"recap-torch", "torch-fused"} <= {row["contender"] for row in rows}
+    assert all(row["check"] == "OK" and row["device"] == "cuda" for row in rows)
