@@ -152,11 +152,12 @@ class TensorTable:
 _TABLES_PER_BUCKET = 4
 
 
-def table_for(cache: dict, name: str, slots: list[list[Tensor]], group_sizes: list[int], device) -> TensorTable:
+def table_for(cache: dict, name: str, slots: list[list[Tensor]], group_sizes: list[int], device,
+              limit: int | None = None) -> TensorTable:
     """The :class:`TensorTable` for these tensors, from ``cache`` when it has one.
 
-    A few tables are kept per bucket (least recently used first out), so a parameter whose
-    gradient is ``None`` every other step switches between two cached tables instead of
+    A few tables are kept per bucket (``limit``, least recently used first out), so a parameter
+    whose gradient is ``None`` every other step switches between two cached tables instead of
     rebuilding one.
     """
     tables = cache.setdefault(name, OrderedDict())
@@ -165,7 +166,7 @@ def table_for(cache: dict, name: str, slots: list[list[Tensor]], group_sizes: li
     if table is None:
         table = TensorTable(slots, group_sizes, launch_config(device), device)
         tables[key] = table
-        if len(tables) > _TABLES_PER_BUCKET:
+        if len(tables) > (limit or _TABLES_PER_BUCKET):
             tables.popitem(last=False)
     else:
         tables.move_to_end(key)

@@ -27,10 +27,10 @@ _import_error: str | None = None
 
 
 def _kernels():
-    """The kernel modules, imported on first use (importing them imports Triton)."""
-    from recap_kernels._triton import adagrad, adam, multi_tensor
+    """The kernels' entry points, imported on first use (importing them imports Triton)."""
+    from recap_kernels._triton import ops
 
-    return adam, adagrad, multi_tensor
+    return ops
 
 
 def _importable() -> Availability:
@@ -68,65 +68,48 @@ def supports(kind: str, key: BucketKey, groups) -> Availability:
     return OK
 
 
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-            torch.float64: tl.float64}[dtype]
-
-
 def _partitions(bucket: Bucket, flags):
-    """``(flag values, slices)``: consecutive groups sharing the kernel's compile-time switches."""
+    """``(flag values, groups, group sizes, slice)`` per run of groups sharing the compile-time switches."""
     spans = [(flags(group), group, span) for group, span in zip(bucket.groups, bucket.spans)]
     for value, members in groupby(spans, key=lambda item: item[0]):
         members = list(members)
-        if len(members) == len(spans):  # the usual case: the whole bucket in one launch
-            yield value, bucket.groups, [hi - lo for lo, hi in bucket.spans], slice(0, len(bucket))
-        else:
-            lo, hi = members[0][2][0], members[-1][2][1]
-            yield value, [m[1] for m in members], [b - a for _, _, (a, b) in members], slice(lo, hi)
+        lo, hi = members[0][2][0], members[-1][2][1]
+        yield value, [m[1] for m in members], [b - a for _, _, (a, b) in members], slice(lo, hi)
 
 
-def _math_dtype(dtype: torch.dtype):
-    import triton.language as tl
+def _lr_args(groups) -> tuple[list[float], list, list[bool]]:
+    """A group's lr as the ops take it: a float, or a Tensor read on the device (see _triton/ops.py)."""
+    is_tensor = [torch.is_tensor(g["lr"]) for g in groups]
+    values = [0.0 if t else float(g["lr"]) for g, t in zip(groups, is_tensor)]
+    return values, [g["lr"] for g, t in zip(groups, is_tensor) if t], is_tensor
 
-    return tl.float64 if dtype == torch.float64 else tl.float32
+
+def _run(op_name: str, eager, args, bucket: Bucket, part: slice) -> None:
+    if torch.compiler.is_compiling():
+        getattr(torch.ops.recap_kernels, op_name)(*args)  # opaque to Dynamo: see _triton/ops.py
+    else:
+        eager(*args, cache=bucket.cache, name=f"{op_name}{part}")
 
 
 def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    adam, _, multi_tensor = _kernels()
-    dtype = _tl_dtype(bucket.key.dtype)
-    math_dtype = _math_dtype(bucket.key.dtype)
+    ops = _kernels()
 
     def flags(group):
         return group["amsgrad"], group["decoupled_weight_decay"], group["maximize"]
 
     for (amsgrad, decoupled, maximize), groups, sizes, part in _partitions(bucket, flags):
-        slots = [bucket.params[part], bucket.grads[part], bucket.state["exp_avg"][part],
-                 bucket.state["exp_avg_sq"][part]]
-        if amsgrad:
-            slots.append(bucket.state["max_exp_avg_sq"][part])
-        slots.append(bucket.steps[part])
-        table = multi_tensor.table_for(bucket.cache, f"adam{part}", slots, sizes, bucket.key.device)
-        table.refresh_hyper(
-            [(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]), float(g["weight_decay"])) for g in groups],
-            [g["lr"] for g in groups],
-        )
-        adam.adam_launch(table, dtype=dtype, math_dtype=math_dtype, amsgrad=amsgrad, decoupled=decoupled,
-                         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+        hyper = [float(x) for g in groups for x in (*g["betas"], g["eps"], g["weight_decay"])]
+        args = (bucket.params[part], bucket.grads[part], bucket.state["exp_avg"][part],
+                bucket.state["exp_avg_sq"][part], bucket.state["max_exp_avg_sq"][part] if amsgrad else [],
+                bucket.steps[part], sizes, hyper, *_lr_args(groups), amsgrad, decoupled, maximize,
+                grad_scale, found_inf)
+        _run("triton_adam_", ops.adam_step, args, bucket, part)
 
 
 def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    _, adagrad, multi_tensor = _kernels()
-    dtype = _tl_dtype(bucket.key.dtype)
-    math_dtype = _math_dtype(bucket.key.dtype)
-
+    ops = _kernels()
     for (maximize,), groups, sizes, part in _partitions(bucket, lambda group: (group["maximize"],)):
-        slots = [bucket.params[part], bucket.grads[part], bucket.state["sum"][part], bucket.steps[part]]
-        table = multi_tensor.table_for(bucket.cache, f"adagrad{part}", slots, sizes, bucket.key.device)
-        table.refresh_hyper(
-            [(float(g["lr_decay"]), float(g["eps"]), float(g["weight_decay"])) for g in groups],
-            [g["lr"] for g in groups],
-        )
-        adagrad.adagrad_launch(table, dtype=dtype, math_dtype=math_dtype, maximize=maximize,
-                               grad_scale=grad_scale, found_inf=found_inf)
+        hyper = [float(x) for g in groups for x in (g["lr_decay"], g["eps"], g["weight_decay"])]
+        args = (bucket.params[part], bucket.grads[part], bucket.state["sum"][part], bucket.steps[part], sizes,
+                hyper, *_lr_args(groups), maximize, grad_scale, found_inf)
+        _run("triton_adagrad_", ops.adagrad_step, args, bucket, part)
