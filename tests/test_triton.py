@@ -240,3 +240,34 @@ def test_cuda_operation_order_is_accurate_in_fp32(monkeypatch, options):
 
     monkeypatch.setattr(multi_tensor, "torch_cuda_order", lambda device: True)
     check_equivalence("triton", next(o for o in OPTION_MATRIX if o.id == options), torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("family", ["adam", "adagrad"])
+def test_compiled_step_has_no_graph_breaks_and_no_recompiles_when_lr_changes(family):
+    """Under torch.compile the step is one opaque custom op per bucket; a Tensor lr keeps it compiled."""
+    import torch._dynamo
+
+    ref_params, params = _pair([(5,), (300,), (7, 3)])
+    ref_cls, cls = (torch.optim.Adam, optim.Adam) if family == "adam" else (torch.optim.Adagrad, optim.Adagrad)
+    kwargs = {"weight_decay": 0.01, **({"amsgrad": True} if family == "adam" else {"lr_decay": 0.01})}
+    ref = ref_cls(ref_params, lr=torch.tensor(0.01), **kwargs)
+    opt = cls(params, lr=torch.tensor(0.01, device=DEVICE), backend="triton", **kwargs)
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in params] for _ in range(5)]
+    for ps in (ref_params, params):
+        for p, g in zip(ps, grads[0]):
+            p.grad = g
+    ref.step()
+    opt.step()  # eager first step: creating the state would otherwise recompile once
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, step_grads in enumerate(grads[1:]):
+            for ps in (ref_params, params):
+                for p, g in zip(ps, step_grads):
+                    p.grad = g
+            ref.step()
+            compiled_step()
+            for o in (ref, opt):
+                o.param_groups[0]["lr"].fill_(0.01 / (i + 2))  # what a scheduler does to a Tensor lr
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from recap_kernels.optim._dispatch import FusedStepMixin, new_step
 
@@ -68,7 +68,6 @@ class Adagrad(FusedStepMixin, torch.optim.Adagrad):
             init = complex(init, init)
         return {"step": new_step(p), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
 
-    @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step: one fused update per bucket of tensors.
 

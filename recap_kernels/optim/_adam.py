@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices, _use_grad_for_differentiable
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
 
 from recap_kernels.optim._dispatch import FusedStepMixin, new_step
 
@@ -45,7 +45,6 @@ class _AdamStep(FusedStepMixin):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step: one fused update per bucket of tensors.
 

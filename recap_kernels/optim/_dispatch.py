@@ -73,14 +73,19 @@ class FusedStepMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Autograd records the update only with differentiable=True. torch's optimizers get this
+        # from a decorator that also breaks the torch.compile graph; a context manager does not,
+        # and the kernels' custom ops mutate their arguments in place either way.
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            self._run(self._plan())
+        return loss
 
-        plan = self._plan()
+    def _run(self, plan: list[tuple[Backend, Bucket]]) -> None:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for backend, bucket in plan:
             getattr(backend, f"{self._kind}_step")(bucket, grad_scale=grad_scale, found_inf=found_inf)
         self._last_backends = frozenset(backend.name for backend, _ in plan)
-        return loss
 
     def _plan(self) -> list[tuple[Backend, Bucket]]:
         # Phase 1: checks only. Members of each bucket, per group, in optimizer order.
