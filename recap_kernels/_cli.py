@@ -21,6 +21,7 @@ import torch
 # one forward/backward per step included, stays well under two minutes.
 DEFAULT_STEPS = {"cuda": 50, "cpu": 20}
 DEFAULT_WARMUP = {"cuda": 5, "cpu": 3}
+KERNEL_STEPS = {"cuda": 20, "cpu": 10}  # the kernel workloads time the step alone, with no forward/backward
 
 
 def _triton_version() -> str:
@@ -121,19 +122,44 @@ def bench(args: argparse.Namespace) -> int:
             f"--size 1 runs that here)"
         )
     started = time.perf_counter()
-    print(f"bench: {', '.join(contenders)} on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr, flush=True)
-    report = run.run(workload, device, contenders, steps=steps, warmup=warmup)
-    print(run.format_report(report, size_note))
+    all_rows, ok = [], True
+    if args.suite in ("recap", "all"):
+        print(f"bench: {', '.join(contenders)} on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr,
+              flush=True)
+        report = run.run(workload, device, contenders, steps=steps, warmup=warmup)
+        print(run.format_report(report, size_note))
+        all_rows += run.rows(report)
+        ok &= report.ok
+    if args.suite in ("kernels", "all"):
+        kernel_rows = _kernel_suite(device, args)
+        all_rows += kernel_rows
+        ok &= all(r["check"].startswith("OK") for r in kernel_rows)
     print(
         f"\nbench took {time.perf_counter() - started:.1f} s; "
-        + ("every contender matches the torch backend" if report.ok else "MISMATCH: see above")
+        + ("every contender matches torch" if ok else "MISMATCH: see above")
     )
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run.rows(report), indent=2) + "\n")
+        path.write_text(json.dumps(all_rows, indent=2) + "\n")
         print(f"wrote {path}")
-    return 0 if report.ok else 1
+    return 0 if ok else 1
+
+
+def _kernel_suite(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    from recap_kernels.bench import buckets, run
+
+    steps = KERNEL_STEPS[device.type] if args.steps is None else args.steps
+    warmup = DEFAULT_WARMUP[device.type] if args.warmup is None else args.warmup
+    print(f"bench: kernel workloads on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr, flush=True)
+    roofline = buckets.measure_roofline(device)
+    results = []
+    for workload in buckets.workloads(device, scale=1 / 16 if args.size == "small" else 1.0):
+        for optimizer in ("adam", "adagrad"):
+            results += buckets.run_workload(workload, optimizer, device, steps=steps, warmup=warmup)
+    table_rows = buckets.rows(results, roofline, device, run.environment(device))
+    print(buckets.format_rows(table_rows, roofline, device))
+    return table_rows
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,6 +190,14 @@ def _parser() -> argparse.ArgumentParser:
         "--backends",
         help="comma-separated backends and/or stock contenders (torch-foreach, torch-fused) to run; "
         "default: every available backend plus the stock contenders; the torch backend always runs as the reference",
+    )
+    bench_parser.add_argument(
+        "--suite",
+        choices=("recap", "kernels", "all"),
+        default="all",
+        help="recap: the recap model's step per backend; kernels: Adam and Adagrad over one large tensor and "
+        "over 5,000 small ones against torch's single-tensor/foreach/fused paths and the memory roofline; "
+        "all (default): both",
     )
     bench_parser.add_argument("--json", metavar="PATH", help="also write long-format result rows to PATH")
     return parser

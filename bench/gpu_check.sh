@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check, in one command of under 8 minutes, on a GPU machine with torch, triton, nvcc and
+# ninja but no network (run from anywhere: it works in the repository root):
+#
+#   bash bench/gpu_check.sh
+#
+# 1. builds the package in place (the CUDA extension too, when there are CUDA sources);
+# 2. runs the `gpu`-marked tests;
+# 3. tunes the Triton launch shape on scratch tensors (bench/tune_triton.py);
+# 4. runs the GPU benchmark (python -m recap_kernels bench --device cuda), which measures the
+#    device-to-device copy bandwidth in the same run;
+# 5. prints a short summary table last.
+#
+# Logs and the benchmark's JSON go to $OUT when it is set (the device tool brings that folder back),
+# else to a fresh temporary folder. Without pydantic on the machine, wheels for it placed in
+# ./gpu-wheels (git-ignored; copied from shared/gpu-wheels) are installed to a scratch path first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+if ! "$PY" -c "import pydantic" 2>/dev/null && compgen -G "gpu-wheels/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/recap-site gpu-wheels/*.whl \
+    && export PYTHONPATH=/tmp/recap-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# stage NAME TIMEOUT COMMAND...: runs one stage with its log in $OUT/NAME.log and a line in the summary.
+stage() {
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-8s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log")" >> "$SUMMARY"
+  return $rc
+}
+
+status=0
+stage build 240 "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -e . || status=1
+stage info 60 "$PY" -m recap_kernels info || status=1
+stage tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests || status=1
+stage tune 60 "$PY" bench/tune_triton.py || status=1
+stage bench 150 "$PY" -m recap_kernels bench --device cuda --json "$OUT/bench.json" || status=1
+
+echo
+echo "== logs in $OUT =="
+cat "$OUT/info.log" 2>/dev/null | head -n 30
+echo
+echo "== tests =="
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+echo
+echo "== tune (Triton launch shapes) =="
+cat "$OUT/tune.log" 2>/dev/null | tail -n 20
+echo
+echo "== bench =="
+cat "$OUT/bench.log" 2>/dev/null | tail -n 45
+echo
+echo "== summary (stage, exit code, seconds, last line) =="
+cat "$SUMMARY"
+exit $status
