@@ -99,6 +99,7 @@ def info() -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    from recap_kernels.backends import BACKEND_NAMES
     from recap_kernels.bench import run, workloads
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -131,7 +132,8 @@ def bench(args: argparse.Namespace) -> int:
         all_rows += run.rows(report)
         ok &= report.ok
     if args.suite in ("kernels", "all"):
-        kernel_rows = _kernel_suite(device, args)
+        backends = [name for name in requested if name in BACKEND_NAMES] if requested else None
+        kernel_rows = _kernel_suite(device, args, backends)
         all_rows += kernel_rows
         ok &= all(r["check"].startswith("OK") for r in kernel_rows)
     print(
@@ -146,7 +148,7 @@ def bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _kernel_suite(device: torch.device, args: argparse.Namespace) -> list[dict]:
+def _kernel_suite(device: torch.device, args: argparse.Namespace, backends: list[str] | None) -> list[dict]:
     from recap_kernels.bench import buckets, run
 
     steps = KERNEL_STEPS[device.type] if args.steps is None else args.steps
@@ -156,7 +158,8 @@ def _kernel_suite(device: torch.device, args: argparse.Namespace) -> list[dict]:
     results = []
     for workload in buckets.workloads(device, scale=1 / 16 if args.size == "small" else 1.0):
         for optimizer in ("adam", "adagrad"):
-            results += buckets.run_workload(workload, optimizer, device, steps=steps, warmup=warmup)
+            results += buckets.run_workload(workload, optimizer, device, steps=steps, warmup=warmup,
+                                            backends=backends)
     table_rows = buckets.rows(results, roofline, device, run.environment(device))
     print(buckets.format_rows(table_rows, roofline, device))
     return table_rows

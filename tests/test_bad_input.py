@@ -1,6 +1,7 @@
 """Bad input gets torch's own error, an unavailable backend says why, and a failed step changes nothing."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -101,7 +102,8 @@ def test_unavailable_backend_raises_with_reason_and_changes_nothing(name, backen
     with pytest.raises(BackendUnavailableError) as err:
         opt.step()
     message = str(err.value)
-    assert f"backend {backend!r} cannot run" in message and reason in message and "Usable here: torch" in message
+    assert f"backend {backend!r} cannot run" in message and reason in message
+    assert re.search(r"Usable here: (\w+, )*torch", message)
     assert isinstance(err.value, RuntimeError)
     _assert_unchanged(opt, params, before)
 

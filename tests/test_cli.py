@@ -13,7 +13,7 @@ from recap_kernels.backends import BACKEND_NAMES
 from recap_kernels.bench import run, workloads
 from recap_kernels.builder import build_optimizer
 
-TINY_BENCH = ["bench", "--device", "cpu", "--size", "small", "--steps", "2", "--warmup", "1"]
+TINY_BENCH = ["bench", "--device", "cpu", "--suite", "recap", "--size", "small", "--steps", "2", "--warmup", "1"]
 
 
 def test_info_reports_versions_build_and_every_backend(capsys):
@@ -45,6 +45,21 @@ def test_bench_writes_rows_that_pass_the_check(tmp_path, capsys):
     assert 0 < reference["p20"] <= reference["p50"] <= reference["p80"]
     assert reference["n_params"] > 0 and reference["gbps"] > 0
     assert 20 < reference["bytes_per_param"] < 28  # a mix of Adam (28 B) and Adagrad (20 B) parameters
+
+
+def test_kernel_suite_rows(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    args = ["bench", "--device", "cpu", "--suite", "kernels", "--size", "small", "--steps", "1", "--warmup", "0"]
+    assert main([*args, "--backends", "torch", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert {(r["workload"], r["optimizer"]) for r in rows} == {
+        (w, o) for w in ("single", "many-small") for o in ("adam", "adagrad")
+    }
+    assert {r["contender"] for r in rows} == {"torch-single", "torch-foreach", "torch-fused"}
+    assert all(r["check"].startswith("OK") and r["gbps"] > 0 and r["roofline_gbps"] > 0 for r in rows)
+    many = next(r for r in rows if r["workload"] == "many-small")
+    assert many["n_tensors"] == 5000 and many["bytes_per_param"] in (20, 28)
+    assert "in-place STREAM" in capsys.readouterr().out
 
 
 def test_bench_fails_on_a_contender_that_disagrees(monkeypatch, capsys):

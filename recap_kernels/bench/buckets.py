@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from recap_kernels import optim
-from recap_kernels.backends import available_backends
+from recap_kernels.bench.run import default_backends
 from recap_kernels.bench.timing import StepTimer, quantiles
 
 BYTES_PER_PARAM = {"adam": 28, "adagrad": 20}
@@ -56,8 +56,12 @@ def workloads(device: torch.device, scale: float = 1.0) -> list[BucketWorkload]:
     ]
 
 
-def contenders(optimizer: str, device: torch.device) -> dict[str, Callable]:
-    """Name -> optimizer factory taking param groups. The first is the reference."""
+def contenders(optimizer: str, device: torch.device, backends: list[str] | None = None) -> dict[str, Callable]:
+    """Name -> optimizer factory taking param groups; the first is the reference.
+
+    ``backends``: the recap_kernels backends to time beside torch's three paths (default: those
+    :func:`~recap_kernels.bench.run.default_backends` names).
+    """
     stock = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[optimizer]
     ours = {"adam": optim.Adam, "adagrad": optim.Adagrad}[optimizer]
     table = {
@@ -65,8 +69,8 @@ def contenders(optimizer: str, device: torch.device) -> dict[str, Callable]:
         "torch-foreach": partial(stock, foreach=True),
         "torch-fused": partial(stock, fused=True),
     }
-    for name, (ok, _) in available_backends(device).items():
-        if ok and name != "torch":
+    for name in default_backends(device) if backends is None else backends:
+        if name != "torch":  # the torch backend runs torch's own paths, which are already here
             table[f"recap-{name}"] = partial(ours, backend=name)
     return table
 
@@ -103,7 +107,7 @@ class BucketResult:
 
 
 def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device, *, steps: int,
-                 warmup: int) -> list[BucketResult]:
+                 warmup: int, backends: list[str] | None = None) -> list[BucketResult]:
     """Every contender from the same start on the same gradients; the reference's final values judge the rest.
 
     Contenders run one after another on one set of buffers (the parameters are reset from a saved
@@ -115,7 +119,7 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
     initial = [p.clone() for p in params]
     reference_final: list[torch.Tensor] | None = None
     results = []
-    for name, make in contenders(optimizer, device).items():
+    for name, make in contenders(optimizer, device, backends).items():
         for p, p0, g in zip(params, initial, grads):
             p.copy_(p0)
             p.grad = g

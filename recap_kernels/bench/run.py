@@ -163,6 +163,19 @@ class Report:
         return all(not r.problems for r in self.results)
 
 
+def default_backends(device: torch.device) -> list[str]:
+    """The backends timed unless others are asked for: every available one except Triton on CPU.
+
+    Triton runs CPU tensors only through its interpreter, a testing tool many thousand times
+    slower than a kernel; ``--backends triton`` still runs it.
+    """
+    return [
+        name
+        for name, (ok, _) in available_backends(device).items()
+        if ok and not (name == "triton" and device.type == "cpu")
+    ]
+
+
 def select_contenders(requested: Sequence[str] | None, device: torch.device) -> list[str]:
     """The contenders to run, the reference first.
 
@@ -172,7 +185,7 @@ def select_contenders(requested: Sequence[str] | None, device: torch.device) -> 
     """
     availability = available_backends(device)
     if requested is None:
-        names = [f"recap-{b}" for b, (ok, _) in availability.items() if ok] + list(STOCK)
+        names = [f"recap-{b}" for b in default_backends(device)] + list(STOCK)
     else:
         names = []
         for name in requested:

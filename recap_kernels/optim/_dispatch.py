@@ -13,15 +13,21 @@ Subclasses set ``_kind`` ("adam" | "adagrad") and implement ``_check_param(group
 
 from __future__ import annotations
 
+import os
+from operator import itemgetter
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from recap_kernels.backends import Backend, Bucket, BucketKey, check_backend_name, resolve
+from recap_kernels.backends import ENV_VAR, Backend, Bucket, BucketKey, check_backend_name, resolve
 from recap_kernels.backends._base import layout_of
 
 _STEP_DTYPE = torch.float32
+# Group options that decide how tensors are checked, bucketed or given state (see _plan). Values
+# the backends read afresh each step (lr, betas, eps) are not among them.
+_PLANNING_OPTIONS = ("foreach", "fused", "capturable", "differentiable", "amsgrad", "maximize",
+                     "decoupled_weight_decay", "weight_decay", "initial_accumulator_value")
 
 
 def new_step(p: Tensor, value: float = 0.0) -> Tensor:
@@ -43,6 +49,8 @@ class FusedStepMixin:
         self._backend_request = check_backend_name(backend)
         self._last_backends: frozenset[str] = frozenset()
         self._bucket_caches: dict[BucketKey, dict] = {}  # per-bucket backend tables, see Bucket.cache
+        self._plan_cache: tuple | None = None  # (key, plan): see _plan
+        self._state_generation = 0
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels
         # unscale in place and skip an overflowing step without a host sync.
         self._step_supports_amp_scaling = True
@@ -88,19 +96,59 @@ class FusedStepMixin:
         self._last_backends = frozenset(backend.name for backend, _ in plan)
 
     def _plan(self) -> list[tuple[Backend, Bucket]]:
+        """This step's buckets and their backends; cached while nothing that decides them changes.
+
+        What decides them: the param groups' membership and planning options, which parameters
+        have gradients and in what layout, the state's identity (``load_state_dict`` renews it)
+        and the environment variables that select backends. On a cache hit a step's per-tensor
+        Python work is gathering the gradients and reading their layouts; the buckets keep their
+        parameter and state lists, and pick up the new gradients with one C-level gather each.
+        """
+        if torch.compiler.is_compiling():  # Dynamo traces the plan into the graph instead
+            return [(backend, bucket) for backend, bucket, _ in self._build_plan(self._flat_params())]
+        flat = self._flat_params()
+        grads = [p.grad for _, p in flat]
+        key = (
+            self._structure_key(),
+            tuple([0 if g is None else 3 if g.is_sparse else 1 if g.is_contiguous() else 2 for g in grads]),
+            self._state_generation,
+            os.environ.get(ENV_VAR),
+            os.environ.get("TRITON_INTERPRET"),
+        )
+        cached = self._plan_cache
+        if cached is None or cached[0] != key:
+            cached = self._plan_cache = (key, self._build_plan(flat))
+        else:
+            for _, bucket, index in cached[1]:
+                bucket.grads = [grads[index[0]]] if len(index) == 1 else list(itemgetter(*index)(grads))
+        return [(backend, bucket) for backend, bucket, _ in cached[1]]
+
+    def _flat_params(self) -> list[tuple[int, Tensor]]:
+        """``(group index, parameter)`` for every parameter, in optimizer order."""
+        return [(gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]]
+
+    def _structure_key(self) -> tuple:
+        # Per group, not per tensor: membership (by identity and count) and the options that
+        # change how tensors are checked, bucketed, or given state.
+        return tuple(
+            (id(group["params"]), len(group["params"]), torch.is_tensor(group["lr"]),
+             *(group.get(option) for option in _PLANNING_OPTIONS))
+            for group in self.param_groups
+        )
+
+    def _build_plan(self, flat: list[tuple[int, Tensor]]) -> list[tuple[Backend, Bucket, list[int]]]:
         # Phase 1: checks only. Members of each bucket, per group, in optimizer order.
-        members: dict[BucketKey, list[tuple[int, list[Tensor]]]] = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                self._check_param(group, p, grad)
-                key = BucketKey(p.device, p.dtype, layout_of(p, grad))
-                spans = members.setdefault(key, [])
-                if not spans or spans[-1][0] != gi:
-                    spans.append((gi, []))
-                spans[-1][1].append(p)
+        members: dict[BucketKey, list[tuple[int, list[int]]]] = {}
+        for i, (gi, p) in enumerate(flat):
+            grad = p.grad
+            if grad is None:
+                continue
+            self._check_param(self.param_groups[gi], p, grad)
+            key = BucketKey(p.device, p.dtype, layout_of(p, grad))
+            spans = members.setdefault(key, [])
+            if not spans or spans[-1][0] != gi:
+                spans.append((gi, []))
+            spans[-1][1].append(i)
         chosen = {
             key: resolve(self._backend_request, key, self._kind, [self.param_groups[gi] for gi, _ in spans])
             for key, spans in members.items()
@@ -110,13 +158,15 @@ class FusedStepMixin:
         plan = []
         for key, spans in members.items():
             bucket = Bucket(key, cache=self._bucket_caches.setdefault(key, {}))
-            for gi, params in spans:
+            index: list[int] = []
+            for gi, positions in spans:
                 group = self.param_groups[gi]
                 keys = self._state_keys(group)
                 for k in keys:
                     bucket.state.setdefault(k, [])
                 start = len(bucket.params)
-                for p in params:
+                for i in positions:
+                    p = flat[i][1]
                     state = self.state[p]
                     if len(state) == 0:
                         state.update(self._new_state(group, p))
@@ -125,9 +175,10 @@ class FusedStepMixin:
                     bucket.steps.append(state["step"])
                     for k in keys:
                         bucket.state[k].append(state[k])
+                index.extend(positions)
                 bucket.groups.append(group)
                 bucket.spans.append((start, len(bucket.params)))
-            plan.append((chosen[key], bucket))
+            plan.append((chosen[key], bucket, index))
         return plan
 
     # -- state placement ----------------------------------------------------------------------------
@@ -151,12 +202,18 @@ class FusedStepMixin:
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         self._place_steps()
+        self._state_generation += 1  # new state tensors: cached plans point at the old ones
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles defaults, state and param_groups; the backend request travels too.
+        return {**super().__getstate__(), "_backend_request": self._backend_request}
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        # torch pickles only defaults, state and param_groups: the backend request starts over.
         self.__dict__.setdefault("_backend_request", "auto")
         self.__dict__.setdefault("_last_backends", frozenset())
         self.__dict__.setdefault("_bucket_caches", {})
+        self.__dict__.setdefault("_plan_cache", None)
+        self.__dict__.setdefault("_state_generation", 0)
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self._place_steps()
