@@ -46,7 +46,7 @@ def main() -> int:
             table = multi_tensor.TensorTable(tensors + [steps], [len(sizes)], shape, device)
             table.refresh_hyper([(0.9, 0.999, 1e-8, 0.0)], [1e-3])
 
-            def step():
+            def step(table=table):
                 adam.adam_launch(table, dtype=tl.float32, math_dtype=tl.float32, amsgrad=False, decoupled=False,
                                  maximize=False)
 

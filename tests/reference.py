@@ -101,7 +101,9 @@ def _group_overrides(family: str, default_lr) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def make_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device="cpu", seed: int = 0) -> list[torch.Tensor]:
+def make_params(
+    shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device="cpu", seed: int = 0
+) -> list[torch.Tensor]:
     """Fresh random parameters (never zeros), one per shape, on a scale that differs per tensor."""
     gen = torch.Generator().manual_seed(seed)
     params = []
@@ -180,9 +182,12 @@ def assert_optimizer_close(
                 torch.testing.assert_close(value, ref_value, **tol, msg=lambda m, i=i, k=key: f"param {i} {k}: {m}")
 
 
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
 def build_pair(
     backend: str, options: Options, dtype: torch.dtype, device, shapes, seed: int = 0
-) -> tuple[Callable[[list[torch.Tensor]], torch.optim.Optimizer], Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+) -> tuple[OptimizerFactory, OptimizerFactory]:
     """Factories ``(make_reference(params), make_tested(params))`` with identical arguments."""
     ref_cls, test_cls = OPTIMIZERS[options.optimizer]
 

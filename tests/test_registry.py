@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import recap_kernels
-from recap_kernels import optim
-from recap_kernels import backends
+from recap_kernels import backends, optim
 from recap_kernels.backends import BACKEND_NAMES, BucketKey, get_backend, resolve
 
 OURS = {"Adam", "AdamW", "Adagrad"}

@@ -9,10 +9,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from recap_kernels._triton import multi_tensor
 from recap_kernels._triton._math import _adagrad_math, _load_lr, _to_storage, _unscale
 from recap_kernels._triton.adam import increment_steps
-from recap_kernels._triton import multi_tensor
-from recap_kernels._triton.multi_tensor import TensorTable
+from recap_kernels._triton.multi_tensor import TensorTable, _program_chunk, _slot_ptr
 
 ROW = tl.constexpr(4)  # hyperparameters per group row: lr, lr_decay, eps, weight_decay
 
@@ -28,20 +28,14 @@ def _adagrad_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    chunk_start = tl.load(chunk_start_ptr + pid)
-    numel = tl.load(numel_ptr + t)
+    t, chunk_start, numel, group = _program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, tensor_group_ptr)
+    p_ptr = _slot_ptr(ptrs, 0, t, num_tensors, DTYPE)
+    g_ptr = _slot_ptr(ptrs, 1, t, num_tensors, DTYPE)
+    acc_ptr = _slot_ptr(ptrs, 2, t, num_tensors, DTYPE)
+    step_ptr = _slot_ptr(ptrs, 3, t, num_tensors, tl.float32)
 
-    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
-    acc_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
-    step_ptr = tl.load(ptrs + 3 * num_tensors + t).to(tl.pointer_type(tl.float32))
-
-    group = tl.load(tensor_group_ptr + t)
     row = hyper_ptr + group * ROW
-    lr = tl.load(row)
-    lr = _load_lr(lr, lr_addr_ptr, group, num_groups)
+    lr = _load_lr(tl.load(row), lr_addr_ptr, group, num_groups)
     lr_decay = tl.load(row + 1)
     eps = tl.load(row + 2)
     weight_decay = tl.load(row + 3)
@@ -71,7 +65,8 @@ def adagrad_launch(table: TensorTable, *, dtype, math_dtype, maximize: bool, gra
         _adagrad_kernel[(table.num_chunks,)](
             table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
             table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
-            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device), MAXIMIZE=maximize,
+            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device),
+            MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
         )

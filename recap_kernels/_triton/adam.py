@@ -16,9 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from recap_kernels._triton._math import _adam_math, _adam_scalars, _load_lr, _to_storage, _unscale
 from recap_kernels._triton import multi_tensor
-from recap_kernels._triton.multi_tensor import TensorTable
+from recap_kernels._triton._math import _adam_math, _adam_scalars, _load_lr, _to_storage, _unscale
+from recap_kernels._triton.multi_tensor import TensorTable, _program_chunk, _slot_ptr
 
 ROW = tl.constexpr(5)  # hyperparameters per group row: lr, beta1, beta2, eps, weight_decay
 
@@ -35,27 +35,21 @@ def _adam_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    chunk_start = tl.load(chunk_start_ptr + pid)
-    numel = tl.load(numel_ptr + t)
-
-    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(ptrs + 3 * num_tensors + t).to(tl.pointer_type(DTYPE))
+    t, chunk_start, numel, group = _program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, tensor_group_ptr)
+    p_ptr = _slot_ptr(ptrs, 0, t, num_tensors, DTYPE)
+    g_ptr = _slot_ptr(ptrs, 1, t, num_tensors, DTYPE)
+    m_ptr = _slot_ptr(ptrs, 2, t, num_tensors, DTYPE)
+    v_ptr = _slot_ptr(ptrs, 3, t, num_tensors, DTYPE)
     if AMSGRAD:
-        v_max_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(DTYPE))
-        step_ptr = tl.load(ptrs + 5 * num_tensors + t).to(tl.pointer_type(tl.float32))
+        v_max_ptr = _slot_ptr(ptrs, 4, t, num_tensors, DTYPE)
+        step_ptr = _slot_ptr(ptrs, 5, t, num_tensors, tl.float32)
     else:
         v_max_ptr = v_ptr  # unused
-        step_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(tl.float32))
+        step_ptr = _slot_ptr(ptrs, 4, t, num_tensors, tl.float32)
 
-    # Per-tensor scalars, in fp64 like torch's Python floats, rounded once to the math dtype.
-    group = tl.load(tensor_group_ptr + t)
+    # Per-tensor scalars, in fp64 like torch's Python floats, rounded as torch's fused kernels round them.
     row = hyper_ptr + group * ROW
-    lr = tl.load(row)
-    lr = _load_lr(lr, lr_addr_ptr, group, num_groups)
+    lr = _load_lr(tl.load(row), lr_addr_ptr, group, num_groups)
     step = tl.load(step_ptr).to(tl.float64) + 1.0
     step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay = (
         _adam_scalars(lr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), step,
@@ -119,7 +113,8 @@ def adam_launch(table: TensorTable, *, dtype, math_dtype, amsgrad: bool, decoupl
         _adam_kernel[(table.num_chunks,)](
             table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
             table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
-            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device), AMSGRAD=amsgrad, DECOUPLED=decoupled, MAXIMIZE=maximize,
+            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device),
+            AMSGRAD=amsgrad, DECOUPLED=decoupled, MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
         )

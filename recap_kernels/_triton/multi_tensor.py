@@ -29,9 +29,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 GRAD_SLOT = 1  # slot 0 is the parameter, slot 1 its gradient, then the states, then the step
+
+
+@triton.jit
+def _program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, tensor_group_ptr):
+    """This program's work: ``(tensor index, first element, tensor numel, param group index)``."""
+    t = tl.load(chunk_tensor_ptr + tl.program_id(0))
+    return t, tl.load(chunk_start_ptr + tl.program_id(0)), tl.load(numel_ptr + t), tl.load(tensor_group_ptr + t)
+
+
+@triton.jit
+def _slot_ptr(ptrs, slot, t, num_tensors, DTYPE: tl.constexpr):
+    """Tensor ``t``'s data in pointer-table slot ``slot``, as a typed pointer."""
+    return tl.load(ptrs + slot * num_tensors + t).to(tl.pointer_type(DTYPE))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch.optim import *  # noqa: F401,F403  (the drop-in: everything torch.opt
 # Submodules and other public attributes that ``import *`` does not bring (lr_scheduler, swa_utils, ...).
 globals().update({k: v for k, v in vars(_torch_optim).items() if not k.startswith("_") and k not in globals()})
 
-from recap_kernels.optim._adagrad import Adagrad  # noqa: E402
-from recap_kernels.optim._adam import Adam, AdamW  # noqa: E402
+from recap_kernels.optim._adagrad import Adagrad  # noqa: E402, F401
+from recap_kernels.optim._adam import Adam, AdamW  # noqa: E402, F401
 
-__all__ = list(_torch_optim.__all__)
+__all__ = list(_torch_optim.__all__)  # the same names as torch.optim, Adam/AdamW/Adagrad being ours
