@@ -8,7 +8,13 @@ Build knobs (environment variables, all printed when the build starts):
                             1: fail with instructions when they cannot be built; 0: skip
   TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX": machine code for sm_80 and sm_90, PTX for newer GPUs
   RECAP_KERNELS_DEBUG       1: -O0 -g (-lineinfo for CUDA)
+  RECAP_KERNELS_VEC_REPORT  1: print g++'s vectorization report (-fopt-info-vec-optimized) for the CPU kernels
   MAX_JOBS                  parallel compile jobs (ninja); defaults to the number of cores
+
+The CPU kernels are compiled for baseline x86-64 and carry AVX2 and AVX-512 clones of their loops
+that the loader picks from at run time (csrc/cpu/multi_tensor.h), so a wheel built here runs on
+any x86-64 CPU; no -march=native. They are compiled with -ffp-contract=off: the update math must
+round exactly as torch's fused kernels do (csrc/include/recap_kernels/adam_math.h).
 
 Build with the torch that will run the kernels: ``pip install --no-build-isolation -e .``.
 The build writes ``recap_kernels/_build_info.json`` so ``python -m recap_kernels info`` reports what
@@ -29,6 +35,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 BUILD_INFO = os.path.join(ROOT, "recap_kernels", "_build_info.json")
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+LIMITED_API = "cp310"  # the oldest Python of pyproject.toml's requires-python
+LIMITED_API_HEX = "0x030A0000"
 
 
 def _knob(name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -67,6 +75,7 @@ def _extensions_and_info():
     build_cpu = _knob("RECAP_KERNELS_BUILD_CPU", "1", ("0", "1")) == "1"
     build_cuda = _knob("RECAP_KERNELS_BUILD_CUDA", "auto", ("auto", "0", "1"))
     debug = _knob("RECAP_KERNELS_DEBUG", "0", ("0", "1")) == "1"
+    vec_report = _knob("RECAP_KERNELS_VEC_REPORT", "0", ("0", "1")) == "1"
 
     import torch
 
@@ -100,9 +109,17 @@ def _extensions_and_info():
         info["notes"].append(f"CUDA kernels skipped: {why}")
         want_cuda = False
 
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-Wall", "-Wextra", "-Werror"]
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: no debug info in the wheel (Python adds -g)
+    cxx += ["-std=c++20", "-Wall", "-Wextra", "-Werror"]
+    # No FMA contraction the source does not spell out, and no errno from sqrt (which would keep
+    # g++ from vectorizing it); neither changes a result.
+    cxx += ["-ffp-contract=off", "-fno-math-errno"]
+    if vec_report:
+        cxx += ["-fopt-info-vec-optimized"]
     extra = {"cxx": cxx}
+    info["cxx_flags"] = cxx
+    info["cpu_kernels"] = "x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline clones, picked at load time"
+    info["max_jobs"] = os.environ.get("MAX_JOBS", "all cores")
     sources = list(cpu_sources)
     ext_cls = cpp_extension.CppExtension
     if want_cuda:
@@ -110,7 +127,7 @@ def _extensions_and_info():
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         info["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
-        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"]) + ["-std=c++17"]
+        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"]) + ["-std=c++20"]
         sources += cuda_sources
         ext_cls = cpp_extension.CUDAExtension
         info["cuda_extension"] = True
@@ -120,6 +137,10 @@ def _extensions_and_info():
         sources=sources,
         include_dirs=[os.path.join(CSRC, "include")],
         extra_compile_args=extra,
+        # The sources include only torch/library.h and ATen headers, and Python.h for the entry
+        # point, so the module is built against Python's limited API: one wheel per torch, not per Python.
+        define_macros=[("Py_LIMITED_API", LIMITED_API_HEX)],
+        py_limited_api=True,
     )
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
     return [ext], cmdclass, info
@@ -130,4 +151,5 @@ print("recap_kernels build: " + json.dumps(build_info), flush=True)
 with open(BUILD_INFO, "w") as f:
     json.dump(build_info, f, indent=2)
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+options = {"bdist_wheel": {"py_limited_api": LIMITED_API}} if ext_modules else {}
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)
