@@ -3,12 +3,16 @@
 A step happens in two phases so that a step that raises changes nothing:
 
 1. *Plan* (no side effects): every parameter with a gradient is checked the way torch checks it,
-   sorted into buckets by (device, dtype, gradient layout) across param groups, and each bucket's
+   sorted into buckets by (device, dtype, memory layout) across param groups, and each bucket's
    backend is resolved through the registry. Any error is raised here, before state exists.
 2. *Run*: missing state is created in torch's layout, and each bucket goes to its backend.
 
+The plan is cached and reused while nothing that decides it changes (see ``_plan``), so a
+steady-state step does no per-tensor checking, bucketing or state lookup in Python.
+
 Subclasses set ``_kind`` ("adam" | "adagrad") and implement ``_check_param(group, p, grad)``
-(torch's per-parameter errors) and ``_new_state(group, p)`` (torch's state keys).
+(torch's per-parameter errors), ``_new_state(group, p)`` and ``_state_keys(group)`` (torch's
+state layout).
 """
 
 from __future__ import annotations
