@@ -112,8 +112,10 @@ def _extensions_and_info():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: no debug info in the wheel (Python adds -g)
     cxx += ["-std=c++20", "-Wall", "-Wextra", "-Werror"]
     # No FMA contraction the source does not spell out, and no errno from sqrt (which would keep
-    # g++ from vectorizing it); neither changes a result.
-    cxx += ["-ffp-contract=off", "-fno-math-errno"]
+    # g++ from vectorizing it); neither changes a result. -fopenmp: at::parallel_for is inline and
+    # runs on torch's OpenMP threads only when compiled with OpenMP (else on one thread); the
+    # libgomp.so.1 it links is the one torch has already loaded.
+    cxx += ["-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
     if vec_report:
         cxx += ["-fopt-info-vec-optimized"]
     extra = {"cxx": cxx}
@@ -137,6 +139,7 @@ def _extensions_and_info():
         sources=sources,
         include_dirs=[os.path.join(CSRC, "include")],
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
         # The sources include only torch/library.h and ATen headers, and Python.h for the entry
         # point, so the module is built against Python's limited API: one wheel per torch, not per Python.
         define_macros=[("Py_LIMITED_API", LIMITED_API_HEX)],

@@ -1,0 +1,297 @@
+"""The C++ CPU ops themselves: torch's fused CPU kernels to the bit, registration, checks, routing.
+
+The optimizer-level equivalence (every option, every dtype, resumes) is the shared harness's job
+(test_equivalence.py runs it for the ``cpu`` backend); this file calls the ops directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from recap_kernels import BackendUnavailableError, available_backends, optim
+from tests.reference import FLOAT_DTYPES, dtype_id
+
+CPU_OK, CPU_WHY = available_backends("cpu")["cpu"]
+pytestmark = pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {CPU_WHY}")
+
+if CPU_OK:
+    from recap_kernels import _ops
+
+# Sizes around torch's vector width (16 floats, 32 bf16 on AVX-512), its tail loop and an empty tensor.
+SIZES = (1, 31, 33, 4097, 0, 100_003)
+
+
+def _tensors(sizes, dtype, seed=0, scale=1.0, positive=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        t = torch.randn(n, generator=gen, dtype=torch.float64) * scale
+        out.append((t.abs() if positive else t).to(dtype))
+    return out
+
+
+def _adam_state(sizes, dtype, amsgrad):
+    params = _tensors(sizes, dtype, 0)
+    grads = _tensors(sizes, dtype, 1, 0.1)
+    exp_avgs = _tensors(sizes, dtype, 2, 0.01)
+    exp_avg_sqs = _tensors(sizes, dtype, 3, 0.001, positive=True)
+    maxima = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
+    steps = [torch.tensor(float(3 + i)) for i in range(len(sizes))]
+    return [params, grads, exp_avgs, exp_avg_sqs, maxima, steps]
+
+
+def _clone(state):
+    return [[t.clone() for t in tensors] for tensors in state]
+
+
+def _assert_bitwise(got, expected, what):
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a[~a.isnan()], b[~b.isnan()]), (
+            f"{what}[{i}] differs in {(a != b).sum().item()} of {a.numel()} elements"
+        )
+
+
+# torch's fused CPU kernels run a vector loop, then a scalar loop over the last numel % width
+# elements of each tensor, which g++ contracted into FMAs differently (v = fma(v, beta2, ...)
+# there, fma((1 - beta2) * g, g, v * beta2) in the vector loop). Our kernels follow the vector
+# loop everywhere: bit for bit there, and within an ulp in torch's tails.
+_VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+
+
+def _assert_like_torch_fused(got, expected, what):
+    if _VECTOR_BYTES is None:
+        pytest.skip(f"torch's CPU kernels use {torch.backends.cpu.get_cpu_capability()} here: vector width unknown")
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a.dim() == 0:  # step counters
+            assert torch.equal(a, b), f"{what}[{i}]: {a} != {b}"
+            continue
+        width = _VECTOR_BYTES // a.element_size()
+        body = a.numel() - a.numel() % width
+        _assert_bitwise([a[:body]], [b[:body]], f"{what}[{i}] (torch's vector loop)")
+        torch.testing.assert_close(a[body:], b[body:], rtol=2 * torch.finfo(a.dtype).eps, atol=0,
+                                   msg=lambda m, i=i: f"{what}[{i}] (torch's scalar tail): {m}")
+
+
+ADAM_CASES = list(itertools.product([False, True], [0.0, 0.1], [False, True], [False, True], [0.9, 0.3]))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("amsgrad,weight_decay,decoupled,maximize,beta1", ADAM_CASES,
+                         ids=lambda v: str(v))
+def test_adam_is_torchs_fused_cpu_kernel_to_the_bit(dtype, amsgrad, weight_decay, decoupled, maximize, beta1):
+    """Same operation order, same roundings (Note [Operation order] in adam_math.h).
+
+    beta1=0.3 takes the other branch of torch's lerp (weight 1 - beta1 >= 0.5).
+    """
+    state = _adam_state(SIZES, dtype, amsgrad)
+    ref = _clone(state)
+    for s in ref[5]:
+        s += 1  # torch's Python wrapper advances the step before its kernel reads it
+    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    fused(*ref, lr=1e-3, beta1=beta1, beta2=0.999, weight_decay=weight_decay, eps=1e-8, amsgrad=amsgrad,
+          maximize=maximize)
+    ours = _clone(state)
+    _ops.fused_adam_(*ours, [len(SIZES)], [1e-3], [None], [beta1], [0.999], [1e-8], [weight_decay],
+                     amsgrad=amsgrad, decoupled=decoupled, maximize=maximize)
+    for name, got, expected in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"), ours, ref):
+        _assert_like_torch_fused(got, expected, name)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("weight_decay,maximize,lr_decay", list(itertools.product([0.0, 0.1], [False, True],
+                                                                                   [0.0, 0.01])), ids=str)
+def test_adagrad_is_torchs_fused_cpu_kernel_to_the_bit(dtype, weight_decay, maximize, lr_decay):
+    params, grads = _tensors(SIZES, dtype, 0), _tensors(SIZES, dtype, 1, 0.1)
+    sums = _tensors(SIZES, dtype, 2, 0.01, positive=True)
+    steps = [torch.tensor(float(3 + i)) for i in range(len(SIZES))]
+    state = [params, grads, sums, steps]
+    ref = _clone(state)
+    for s in ref[3]:
+        s += 1
+    torch._fused_adagrad_(*ref, lr=0.0123, lr_decay=lr_decay, weight_decay=weight_decay, eps=1e-10,
+                          maximize=maximize)
+    ours = _clone(state)
+    _ops.fused_adagrad_(*ours, [len(SIZES)], [0.0123], [None], [lr_decay], [1e-10], [weight_decay],
+                        maximize=maximize)
+    for name, got, expected in zip(("param", "grad", "sum", "step"), ours, ref):
+        _assert_like_torch_fused(got, expected, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_amp_unscales_into_the_grads_and_found_inf_skips_everything(dtype):
+    state = _adam_state(SIZES, dtype, False)
+    state[1] = [g * 1024 for g in state[1]]
+    grad_scale = torch.tensor(1024.0 * 3)
+    ref = _clone(state)
+    for s in ref[5]:
+        s += 1
+    torch._fused_adam_(*ref, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                       maximize=False, grad_scale=grad_scale, found_inf=torch.tensor(0.0))
+    ours = _clone(state)
+    hyper = ([len(SIZES)], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0])
+    _ops.fused_adam_(*ours, *hyper, amsgrad=False, decoupled=False, maximize=False, grad_scale=grad_scale,
+                     found_inf=torch.tensor(0.0))
+    for name, got, expected in zip(("param", "grad", "exp_avg", "exp_avg_sq", "-", "step"), ours, ref):
+        _assert_like_torch_fused(got, expected, name)
+
+    skipped = _clone(state)
+    _ops.fused_adam_(*skipped, *hyper, amsgrad=False, decoupled=False, maximize=False, grad_scale=grad_scale,
+                     found_inf=torch.tensor(1.0))
+    for got, before in zip(skipped, state):
+        _assert_bitwise(got, before, "a found_inf step's tensor")
+
+
+def test_one_call_spans_groups_with_their_own_hyperparameters_and_tensor_lr():
+    """Three groups in one call equal three separate calls, each group with its own lr/betas/eps/wd."""
+    sizes = (5, 40, 3, 700, 1, 64, 9)
+    group_sizes = [2, 4, 1]
+    lrs, lr_tensors = [1e-3, 0.0, 3e-3], [None, torch.tensor(2e-3), None]
+    beta1s, beta2s, epss, wds = [0.9, 0.8, 0.95], [0.999, 0.99, 0.9], [1e-8, 1e-6, 1e-7], [0.0, 0.1, 0.01]
+    state = _adam_state(sizes, torch.float32, True)
+    together = _clone(state)
+    _ops.fused_adam_(*together, group_sizes, lrs, lr_tensors, beta1s, beta2s, epss, wds,
+                     amsgrad=True, decoupled=True, maximize=False)
+    apart = _clone(state)
+    start = 0
+    for g, size in enumerate(group_sizes):
+        span = [tensors[start:start + size] for tensors in apart]
+        lr = float(lr_tensors[g]) if lr_tensors[g] is not None else lrs[g]
+        _ops.fused_adam_(*span, [size], [lr], [None], [beta1s[g]], [beta2s[g]], [epss[g]], [wds[g]],
+                         amsgrad=True, decoupled=True, maximize=False)
+        start += size
+    for got, expected in zip(together, apart):
+        _assert_bitwise(got, expected, "grouped")
+    assert [s.item() for s in together[5]] == [4.0 + i for i in range(len(sizes))]
+
+
+def test_result_does_not_depend_on_the_thread_split():
+    """Tensors cut between threads (sizes past the parallel grain) update exactly as on one thread."""
+    sizes = (70_001, 1, 200_000, 3, 131_073)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            state = _adam_state(sizes, torch.bfloat16, False)
+            _ops.fused_adam_(*state, [len(sizes)], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0],
+                             amsgrad=False, decoupled=False, maximize=False)
+            results.append(state)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            _assert_bitwise(got, expected, "threaded")
+
+
+def _small_adam_args(amsgrad=True):
+    state = _adam_state((5, 3), torch.float32, amsgrad)
+    return (*state, [1, 1], [1e-3, 0.0], [None, torch.tensor(2e-3)], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6],
+            [0.0, 0.1])
+
+
+def test_opcheck_fused_adam():
+    args = _small_adam_args()
+    for kwargs in ({"amsgrad": True, "decoupled": False, "maximize": False},
+                   {"amsgrad": True, "decoupled": True, "maximize": True,
+                    "grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(0.0)}):
+        torch.library.opcheck(torch.ops.recap_kernels.fused_adam_.default, args, kwargs)
+
+
+def test_opcheck_fused_adagrad_and_convert():
+    params, grads = _tensors((5, 3), torch.float32, 0), _tensors((5, 3), torch.float32, 1)
+    sums = _tensors((5, 3), torch.float32, 2, positive=True)
+    steps = [torch.tensor(1.0), torch.tensor(2.0)]
+    args = (params, grads, sums, steps, [2], [0.01], [None], [0.0], [1e-10], [0.1])
+    torch.library.opcheck(torch.ops.recap_kernels.fused_adagrad_.default, args, {"maximize": False})
+    torch.library.opcheck(torch.ops.recap_kernels._convert_.default,
+                          (torch.empty(7, dtype=torch.bfloat16), torch.randn(7)))
+
+
+def test_torch_compile_traces_a_step_through_the_fake_kernel():
+    """The op is opaque to Dynamo: a compiled step runs it once and matches the eager step."""
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr):
+        _ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, [len(params)], [0.0], [lr], [0.9],
+                         [0.999], [1e-8], [0.01], amsgrad=False, decoupled=True, maximize=False)
+
+    state = _adam_state((17, 4), torch.float32, False)
+    del state[4]
+    eager = _clone(state)
+    compiled = _clone(state)
+    lr = torch.tensor(1e-2)
+    compiled_step = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        step(*eager, lr)
+        compiled_step(*compiled, lr)
+    for got, expected in zip(compiled, eager):
+        _assert_bitwise(got, expected, "compiled")
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a[1].pop(), "grads must have one tensor per parameter"),
+    (lambda a: a[2].__setitem__(0, a[2][0].double()), "exp_avgs\\[0\\] has dtype Double"),
+    (lambda a: a[3].__setitem__(1, torch.zeros(4)), "exp_avg_sqs\\[1\\] has 4 elements"),
+    (lambda a: a[0].__setitem__(0, torch.zeros(10)[::2]), "params\\[0\\] must be contiguous"),
+    (lambda a: a[5].__setitem__(0, torch.tensor([1.0, 2.0])), "state_steps\\[0\\] must be a one-element float32"),
+    (lambda a: a[6].__setitem__(0, 2), "group_sizes add up to 3 tensors, but params has 2"),
+    (lambda a: a[7].pop(), "lrs must have one entry per group"),
+])
+def test_bad_arguments_are_refused_with_the_argument_named(mutate, message):
+    args = [list(a) if isinstance(a, list) else a for a in _small_adam_args()]
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        _ops.fused_adam_(*args, amsgrad=True, decoupled=False, maximize=False)
+
+
+def _param_with_grad(p, grad=None):
+    p = p.detach().requires_grad_()
+    p.grad = torch.randn_like(p) if grad is None else grad
+    return p
+
+
+@pytest.mark.parametrize("make,why", [
+    (lambda: _param_with_grad(torch.randn(6, 4).t()), "contiguous dense tensors, not strided"),
+    (lambda: _param_with_grad(torch.randn(5, dtype=torch.complex64)), "not torch.complex64"),
+])
+def test_what_the_kernels_cannot_take_goes_to_torch_or_raises(make, why):
+    auto = optim.Adam([make()])
+    auto.step()
+    assert auto.backends_used() == {"torch"}
+    explicit = optim.Adam([make()], backend="cpu")
+    with pytest.raises(BackendUnavailableError, match=why):
+        explicit.step()
+
+
+def test_differentiable_goes_to_torch():
+    p = _param_with_grad(torch.randn(5))
+    with pytest.raises(BackendUnavailableError, match="differentiable=True"):
+        optim.Adam([p], differentiable=True, backend="cpu").step()
+
+
+def test_groups_that_differ_in_amsgrad_and_maximize_match_torch():
+    """Per-call switches split a bucket into runs; amsgrad's maxima list is indexed on its own."""
+    init = _tensors((7, 300, 2, 64), torch.float32, 0)
+    grads = [_tensors((7, 300, 2, 64), torch.float32, 10 + k) for k in range(4)]
+
+    def groups(params):
+        return [{"params": params[:1], "amsgrad": True}, {"params": params[1:2]},
+                {"params": params[2:3], "amsgrad": True, "maximize": True}, {"params": params[3:]}]
+
+    results = []
+    for make in (lambda ps: torch.optim.Adam(groups(ps), weight_decay=0.1),
+                 lambda ps: optim.Adam(groups(ps), weight_decay=0.1, backend="cpu")):
+        params = [p.clone().requires_grad_() for p in init]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append((params, opt))
+    (ref_params, ref), (params, ours) = results
+    assert ours.backends_used() == {"cpu"}
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p, r)
+        for key, value in ref.state[r].items():
+            torch.testing.assert_close(ours.state[p][key], value.to(ours.state[p][key].dtype))
