@@ -111,11 +111,12 @@ def _extensions_and_info():
 
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: no debug info in the wheel (Python adds -g)
     cxx += ["-std=c++20", "-Wall", "-Wextra", "-Werror"]
-    # No FMA contraction the source does not spell out, and no errno from sqrt (which would keep
-    # g++ from vectorizing it); neither changes a result. -fopenmp: at::parallel_for is inline and
+    # No FMA contraction the source does not spell out; no errno from sqrt and no FP traps assumed
+    # (each would keep g++ from vectorizing some loops: sqrt calls, if-converting selects); none of
+    # the three changes a result. -fopenmp: at::parallel_for is inline and
     # runs on torch's OpenMP threads only when compiled with OpenMP (else on one thread); the
     # libgomp.so.1 it links is the one torch has already loaded.
-    cxx += ["-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+    cxx += ["-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     if vec_report:
         cxx += ["-fopt-info-vec-optimized"]
     extra = {"cxx": cxx}

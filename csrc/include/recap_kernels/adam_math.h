@@ -92,7 +92,7 @@ RK_HOST_DEVICE void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& 
     param = param * s.decay_factor;
   }
   // exp_avg.lerp_(grad, 1 - beta1), then the second moment: the FMAs of Note [Operation order].
-  exp_avg = rk_fma(s.lerp_weight, g - exp_avg, s.lerp_from_grad ? g : exp_avg);
+  exp_avg = rk_fma(s.lerp_weight, g - exp_avg, select(s.lerp_from_grad, g, exp_avg));
   exp_avg_sq = rk_fma(s.one_minus_beta2 * g, g, exp_avg_sq * s.beta2);
   T second_moment = exp_avg_sq;
   if constexpr (AMSGRAD) {

@@ -13,31 +13,10 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
-#include "recap_kernels/macros.h"
+#include "recap_kernels/scalar_ops.h"
 
 namespace recap_kernels {
-
-RK_HOST_DEVICE uint32_t float_as_bits(float f) {
-#if RK_DEVICE_CODE
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-#endif
-}
-
-RK_HOST_DEVICE float bits_as_float(uint32_t u) {
-#if RK_DEVICE_CODE
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
 
 // bfloat16 is the upper half of a float32: widening is a shift.
 RK_HOST_DEVICE float bfloat16_bits_to_float(uint16_t h) { return bits_as_float(uint32_t(h) << 16); }
