@@ -295,3 +295,16 @@ def test_groups_that_differ_in_amsgrad_and_maximize_match_torch():
         torch.testing.assert_close(p, r)
         for key, value in ref.state[r].items():
             torch.testing.assert_close(ours.state[p][key], value.to(ours.state[p][key].dtype))
+
+
+def test_without_the_extension_the_backend_says_why():
+    import subprocess
+    import sys
+
+    code = ("import recap_kernels, torch; ok, why = recap_kernels.available_backends()['cpu']; "
+            "assert not ok and 'RECAP_KERNELS_SKIP_EXTENSION=1' in why, why; "
+            "p = torch.zeros(3, requires_grad=True); p.grad = torch.ones(3); "
+            "opt = recap_kernels.optim.Adam([p]); opt.step(); assert opt.backends_used() == {'torch'}")
+    env = {**__import__("os").environ, "RECAP_KERNELS_SKIP_EXTENSION": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -18,19 +18,12 @@ from itertools import groupby
 
 import torch
 
-from recap_kernels import _ext
+from recap_kernels import _ext, _ops  # _ops loads recap_kernels._C (its ops) and registers their fake kernels
 from recap_kernels.backends._base import CONTIGUOUS, OK, Availability, Bucket, BucketKey
 
 name = "cpu"
 _OPS = ("fused_adam_", "fused_adagrad_")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _ops():
-    """``recap_kernels._ops`` (importing it loads the extension and registers the fake kernels)."""
-    from recap_kernels import _ops
-
-    return _ops
 
 
 def available(device: torch.device) -> Availability:
@@ -42,7 +35,6 @@ def available(device: torch.device) -> Availability:
     missing = [op for op in _OPS if not _ext.has_op(op)]
     if missing:
         return Availability(False, f"recap_kernels._C has no CPU kernels for {', '.join(missing)}")
-    _ops()
     return OK
 
 
@@ -91,7 +83,6 @@ def _lrs(groups) -> tuple[list[float], list[torch.Tensor | None]]:
 
 
 def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    ops = _ops()
 
     def switches(group):
         return group["amsgrad"], group["decoupled_weight_decay"], group["maximize"]
@@ -107,7 +98,7 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
                 max_exp_avg_sqs[amsgrad_done:amsgrad_done + count]
             amsgrad_done += count
         lrs, lr_tensors = _lrs(groups)
-        ops.fused_adam_(
+        _ops.fused_adam_(
             _take(bucket.params, span), _take(bucket.grads, span), _take(bucket.state["exp_avg"], span),
             _take(bucket.state["exp_avg_sq"], span), maxima, _take(bucket.steps, span), sizes, lrs, lr_tensors,
             [float(g["betas"][0]) for g in groups], [float(g["betas"][1]) for g in groups],
@@ -117,10 +108,9 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
 
 
 def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    ops = _ops()
     for (maximize,), groups, sizes, span in _calls(bucket, lambda group: (group["maximize"],)):
         lrs, lr_tensors = _lrs(groups)
-        ops.fused_adagrad_(
+        _ops.fused_adagrad_(
             _take(bucket.params, span), _take(bucket.grads, span), _take(bucket.state["sum"], span),
             _take(bucket.steps, span), sizes, lrs, lr_tensors, [float(g["lr_decay"]) for g in groups], [float(g["eps"]) for g in groups],
             [float(g["weight_decay"]) for g in groups],
