@@ -59,3 +59,17 @@ def test_plan_follows_group_options_and_the_environment(monkeypatch):
     monkeypatch.setenv("RECAP_KERNELS_BACKEND", "torch")
     opt.step()
     assert opt.backends_used() == {"torch"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_that_differ_in_amsgrad_share_a_bucket(backend):
+    """States that only some groups have (max_exp_avg_sq) stay aligned with their parameters."""
+    ref_params, params = _pair([(7,), (300,), (4,), (33,), (5,)])
+    split = [{"params": ref_params[:2]}, {"params": ref_params[2:4], "amsgrad": True}, {"params": ref_params[4:]}]
+    ref = torch.optim.Adam(split, weight_decay=0.01)
+    opt = optim.Adam([{"params": params[:2]}, {"params": params[2:4], "amsgrad": True}, {"params": params[4:]}],
+                     weight_decay=0.01, backend=backend)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        _step([(ref, ref_params), (opt, params)], [torch.randn(p.shape, generator=gen) for p in params])
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)

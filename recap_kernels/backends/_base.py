@@ -10,6 +10,7 @@ bucket, and call it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -51,6 +52,23 @@ class BucketKey(NamedTuple):
         return f"{self.layout} {str(self.dtype).removeprefix('torch.')} tensors on {self.device}"
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def kernel_supports(kernels: str, key: BucketKey, groups) -> Availability:
+    """What every kernel backend takes: contiguous dense float tensors, without autograd.
+
+    ``kernels`` names them in the reason (e.g. "the Triton kernels").
+    """
+    if key.layout != CONTIGUOUS:
+        return Availability(False, f"{kernels} take contiguous dense tensors, not {key.layout} ones")
+    if key.dtype not in KERNEL_DTYPES:
+        return Availability(False, f"{kernels} take float32/bfloat16/float16/float64, not {key.dtype}")
+    if any(group["differentiable"] for group in groups):
+        return Availability(False, "differentiable=True needs autograd through the update: the torch backend")
+    return OK
+
+
 def layout_of(p: Tensor, grad: Tensor) -> str:
     if grad.is_sparse:
         return SPARSE
@@ -65,7 +83,8 @@ class Bucket:
     ``spans[i] = (start, stop)`` of every per-tensor list; ``groups[i]`` is that param group's
     dict (lr, betas, weight decay, flags) exactly as the optimizer holds it.
     ``state`` maps torch's state key names (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
-    ``sum``) to per-tensor lists; ``steps`` are the per-tensor ``state["step"]`` tensors.
+    ``sum``) to per-tensor lists, aligned with ``params`` (``None`` where a tensor's group has no
+    such state, e.g. ``max_exp_avg_sq`` without amsgrad); ``steps`` are the ``state["step"]`` tensors.
     ``cache`` persists across steps for this optimizer and bucket key: backends keep their device
     tables there and rebuild them when the tensors change.
     """
@@ -81,6 +100,18 @@ class Bucket:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def runs(self, switches):
+        """``(switch values, groups, group sizes, tensor slice)`` per run of consecutive groups that agree.
+
+        ``switches(group)`` returns what a kernel compiles in (amsgrad, decoupled decay,
+        maximize): groups that differ in it need separate launches. Usually one run covers the
+        whole bucket.
+        """
+        for value, members in groupby(zip(self.groups, self.spans), key=lambda item: switches(item[0])):
+            members = list(members)
+            yield (value, [group for group, _ in members], [hi - lo for _, (lo, hi) in members],
+                   slice(members[0][1][0], members[-1][1][1]))
 
     def per_group(self):
         """Yield ``(group, params, grads, steps, state)`` for each group's span."""

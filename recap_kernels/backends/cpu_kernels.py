@@ -14,16 +14,13 @@ groups that agree.
 
 from __future__ import annotations
 
-from itertools import groupby
-
 import torch
 
 from recap_kernels import _ext, _ops  # _ops loads recap_kernels._C (its ops) and registers their fake kernels
-from recap_kernels.backends._base import CONTIGUOUS, OK, Availability, Bucket, BucketKey
+from recap_kernels.backends._base import OK, Availability, Bucket, BucketKey, kernel_supports
 
 name = "cpu"
 _OPS = ("fused_adam_", "fused_adagrad_")
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def available(device: torch.device) -> Availability:
@@ -39,33 +36,7 @@ def available(device: torch.device) -> Availability:
 
 
 def supports(kind: str, key: BucketKey, groups) -> Availability:
-    if key.layout != CONTIGUOUS:
-        return Availability(False, f"the C++ CPU kernels take contiguous dense tensors, not {key.layout} ones")
-    if key.dtype not in _SUPPORTED_DTYPES:
-        return Availability(False, f"the C++ CPU kernels take float32/bfloat16/float16/float64, not {key.dtype}")
-    if any(group["differentiable"] for group in groups):
-        return Availability(False, "differentiable=True needs autograd through the update: the torch backend")
-    return OK
-
-
-def _calls(bucket: Bucket, switches):
-    """``(switch values, groups, group sizes, tensor span)`` per run of consecutive groups that agree.
-
-    The span is ``None`` when one call takes the whole bucket (the usual case: no list is copied).
-    """
-    runs = [(value, list(members)) for value, members in
-            groupby(zip(bucket.groups, bucket.spans), key=lambda item: switches(item[0]))]
-    if len(runs) == 1:
-        yield runs[0][0], bucket.groups, [hi - lo for lo, hi in bucket.spans], None
-        return
-    for value, members in runs:
-        groups = [group for group, _ in members]
-        sizes = [hi - lo for _, (lo, hi) in members]
-        yield value, groups, sizes, (members[0][1][0], members[-1][1][1])
-
-
-def _take(tensors: list, span: tuple[int, int] | None) -> list:
-    return tensors if span is None else tensors[span[0]:span[1]]
+    return kernel_supports("the C++ CPU kernels", key, groups)
 
 
 def _lrs(groups) -> tuple[list[float], list[torch.Tensor | None]]:
@@ -87,20 +58,11 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
     def switches(group):
         return group["amsgrad"], group["decoupled_weight_decay"], group["maximize"]
 
-    # Only amsgrad groups have max_exp_avg_sq, so that list is indexed on its own.
-    max_exp_avg_sqs = bucket.state.get("max_exp_avg_sq", [])
-    amsgrad_done = 0
-    for (amsgrad, decoupled, maximize), groups, sizes, span in _calls(bucket, switches):
-        maxima = []
-        if amsgrad:
-            count = sum(sizes)
-            maxima = max_exp_avg_sqs if count == len(max_exp_avg_sqs) else \
-                max_exp_avg_sqs[amsgrad_done:amsgrad_done + count]
-            amsgrad_done += count
+    for (amsgrad, decoupled, maximize), groups, sizes, part in bucket.runs(switches):
         lrs, lr_tensors = _lrs(groups)
         _ops.fused_adam_(
-            _take(bucket.params, span), _take(bucket.grads, span), _take(bucket.state["exp_avg"], span),
-            _take(bucket.state["exp_avg_sq"], span), maxima, _take(bucket.steps, span), sizes, lrs, lr_tensors,
+            bucket.params[part], bucket.grads[part], bucket.state["exp_avg"][part], bucket.state["exp_avg_sq"][part],
+            bucket.state["max_exp_avg_sq"][part] if amsgrad else [], bucket.steps[part], sizes, lrs, lr_tensors,
             [float(g["betas"][0]) for g in groups], [float(g["betas"][1]) for g in groups],
             [float(g["eps"]) for g in groups], [float(g["weight_decay"]) for g in groups],
             amsgrad=amsgrad, decoupled=decoupled, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
@@ -108,11 +70,11 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
 
 
 def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    for (maximize,), groups, sizes, span in _calls(bucket, lambda group: (group["maximize"],)):
+    for (maximize,), groups, sizes, part in bucket.runs(lambda group: (group["maximize"],)):
         lrs, lr_tensors = _lrs(groups)
         _ops.fused_adagrad_(
-            _take(bucket.params, span), _take(bucket.grads, span), _take(bucket.state["sum"], span),
-            _take(bucket.steps, span), sizes, lrs, lr_tensors, [float(g["lr_decay"]) for g in groups], [float(g["eps"]) for g in groups],
+            bucket.params[part], bucket.grads[part], bucket.state["sum"][part], bucket.steps[part], sizes, lrs,
+            lr_tensors, [float(g["lr_decay"]) for g in groups], [float(g["eps"]) for g in groups],
             [float(g["weight_decay"]) for g in groups],
             maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
         )

@@ -59,7 +59,7 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
             grads,
             state["exp_avg"],
             state["exp_avg_sq"],
-            state.get("max_exp_avg_sq", []),
+            state["max_exp_avg_sq"] if group["amsgrad"] else [],
             steps,
             foreach=group["foreach"],
             capturable=group["capturable"],

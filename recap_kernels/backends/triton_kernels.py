@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from itertools import groupby
 
 import torch
 
-from recap_kernels.backends._base import CONTIGUOUS, OK, Availability, Bucket, BucketKey
+from recap_kernels.backends._base import Availability, Bucket, BucketKey, kernel_supports
 
 name = "triton"
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _import_error: str | None = None
 
 
@@ -59,22 +57,7 @@ def available(device: torch.device) -> Availability:
 
 
 def supports(kind: str, key: BucketKey, groups) -> Availability:
-    if key.layout != CONTIGUOUS:
-        return Availability(False, f"the Triton kernels take contiguous dense tensors, not {key.layout} ones")
-    if key.dtype not in _SUPPORTED_DTYPES:
-        return Availability(False, f"the Triton kernels take float32/bfloat16/float16/float64, not {key.dtype}")
-    if any(group["differentiable"] for group in groups):
-        return Availability(False, "differentiable=True needs autograd through the update: the torch backend")
-    return OK
-
-
-def _partitions(bucket: Bucket, flags):
-    """``(flag values, groups, group sizes, slice)`` per run of groups sharing the compile-time switches."""
-    spans = [(flags(group), group, span) for group, span in zip(bucket.groups, bucket.spans)]
-    for value, members in groupby(spans, key=lambda item: item[0]):
-        members = list(members)
-        lo, hi = members[0][2][0], members[-1][2][1]
-        yield value, [m[1] for m in members], [b - a for _, _, (a, b) in members], slice(lo, hi)
+    return kernel_supports("the Triton kernels", key, groups)
 
 
 def _lr_args(groups) -> tuple[list[float], list, list[bool]]:
@@ -97,7 +80,7 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
     def flags(group):
         return group["amsgrad"], group["decoupled_weight_decay"], group["maximize"]
 
-    for (amsgrad, decoupled, maximize), groups, sizes, part in _partitions(bucket, flags):
+    for (amsgrad, decoupled, maximize), groups, sizes, part in bucket.runs(flags):
         hyper = [float(x) for g in groups for x in (*g["betas"], g["eps"], g["weight_decay"])]
         args = (bucket.params[part], bucket.grads[part], bucket.state["exp_avg"][part],
                 bucket.state["exp_avg_sq"][part], bucket.state["max_exp_avg_sq"][part] if amsgrad else [],
@@ -108,7 +91,7 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
 
 def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
     ops = _kernels()
-    for (maximize,), groups, sizes, part in _partitions(bucket, lambda group: (group["maximize"],)):
+    for (maximize,), groups, sizes, part in bucket.runs(lambda group: (group["maximize"],)):
         hyper = [float(x) for g in groups for x in (g["lr_decay"], g["eps"], g["weight_decay"])]
         args = (bucket.params[part], bucket.grads[part], bucket.state["sum"][part], bucket.steps[part], sizes,
                 hyper, *_lr_args(groups), maximize, grad_scale, found_inf)

@@ -162,12 +162,11 @@ class FusedStepMixin:
         plan = []
         for key, spans in members.items():
             bucket = Bucket(key, cache=self._bucket_caches.setdefault(key, {}))
+            keys = {k: [] for gi, _ in spans for k in self._state_keys(self.param_groups[gi])}
+            bucket.state = keys
             index: list[int] = []
             for gi, positions in spans:
                 group = self.param_groups[gi]
-                keys = self._state_keys(group)
-                for k in keys:
-                    bucket.state.setdefault(k, [])
                 start = len(bucket.params)
                 for i in positions:
                     p = flat[i][1]
@@ -177,8 +176,8 @@ class FusedStepMixin:
                     bucket.params.append(p)
                     bucket.grads.append(p.grad)
                     bucket.steps.append(state["step"])
-                    for k in keys:
-                        bucket.state[k].append(state[k])
+                    for k, tensors in keys.items():
+                        tensors.append(state.get(k))  # None where this group keeps no such state
                 index.extend(positions)
                 bucket.groups.append(group)
                 bucket.spans.append((start, len(bucket.params)))
