@@ -34,6 +34,24 @@ _PLANNING_OPTIONS = ("foreach", "fused", "capturable", "differentiable", "amsgra
                      "decoupled_weight_decay", "weight_decay", "initial_accumulator_value")
 
 
+_is_contiguous = Tensor.is_contiguous
+
+
+def _gradient_layouts(grads: list[Tensor | None]) -> tuple:
+    """What the plan needs to know of this step's gradients: which exist, and in what layout.
+
+    The common case, every gradient present and contiguous, is one C-level pass; anything else
+    is spelled out per gradient (0 none, 1 contiguous, 2 strided, 3 sparse).
+    """
+    try:
+        layouts = tuple(map(_is_contiguous, grads))  # TypeError on a None gradient
+        if False not in layouts:
+            return layouts
+    except TypeError:
+        pass
+    return tuple([0 if g is None else 3 if g.is_sparse else 1 if g.is_contiguous() else 2 for g in grads])
+
+
 def new_step(p: Tensor, value: float = 0.0) -> Tensor:
     """A parameter's step counter: 0-d float32 on the parameter's device (torch's fused layout).
 
@@ -54,6 +72,7 @@ class FusedStepMixin:
         self._last_backends: frozenset[str] = frozenset()
         self._bucket_caches: dict[BucketKey, dict] = {}  # per-bucket backend tables, see Bucket.cache
         self._plan_cache: tuple | None = None  # (key, plan): see _plan
+        self._flat_cache: tuple | None = None  # (structure key, _flat_params(), the parameters alone)
         self._state_generation = 0
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels
         # unscale in place and skip an overflowing step without a host sync.
@@ -110,15 +129,14 @@ class FusedStepMixin:
         """
         if torch.compiler.is_compiling():  # Dynamo traces the plan into the graph instead
             return [(backend, bucket) for backend, bucket, _ in self._build_plan(self._flat_params())]
-        flat = self._flat_params()
-        grads = [p.grad for _, p in flat]
-        key = (
-            self._structure_key(),
-            tuple([0 if g is None else 3 if g.is_sparse else 1 if g.is_contiguous() else 2 for g in grads]),
-            self._state_generation,
-            os.environ.get(ENV_VAR),
-            os.environ.get("TRITON_INTERPRET"),
-        )
+        structure = self._structure_key()
+        if self._flat_cache is None or self._flat_cache[0] != structure:
+            flat = self._flat_params()
+            self._flat_cache = (structure, flat, [p for _, p in flat])
+        _, flat, params = self._flat_cache
+        grads = [p.grad for p in params]
+        key = (structure, _gradient_layouts(grads), self._state_generation, os.environ.get(ENV_VAR),
+               os.environ.get("TRITON_INTERPRET"))
         cached = self._plan_cache
         if cached is None or cached[0] != key:
             cached = self._plan_cache = (key, self._build_plan(flat))
@@ -217,6 +235,7 @@ class FusedStepMixin:
         self.__dict__.setdefault("_last_backends", frozenset())
         self.__dict__.setdefault("_bucket_caches", {})
         self.__dict__.setdefault("_plan_cache", None)
+        self.__dict__.setdefault("_flat_cache", None)
         self.__dict__.setdefault("_state_generation", 0)
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self._place_steps()
