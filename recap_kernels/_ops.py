@@ -7,12 +7,19 @@ exist so that callers name arguments, and so that this module, imported once, re
 kernels that let ``torch.compile`` trace a step (the ops mutate their arguments and return
 nothing, so a fake kernel only has to accept the call).
 
+The ``*_bucket_`` ops are the same steps on a :func:`cpu_bucket`, an object that holds the
+per-parameter lists that do not change between steps (params, state, step counters, group sizes)
+on the C++ side, so a call converts only the gradients (Note [Bound buckets] in
+``csrc/cpu/bucket.h``). They are for eager mode only: the bucket's tensors are invisible to
+tracing, they have no fake kernels, and compiled code calls the list ops.
+
 Importing this module loads ``recap_kernels._C`` if it was built; :data:`LOADED` says whether it
 was, and :data:`LOAD_ERROR` why not.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +33,8 @@ LOADED = _module is not None
 FUSED_ADAM = "recap_kernels::fused_adam_"
 FUSED_ADAGRAD = "recap_kernels::fused_adagrad_"
 CONVERT = "recap_kernels::_convert_"
+FUSED_ADAM_BUCKET = "recap_kernels::fused_adam_bucket_"
+FUSED_ADAGRAD_BUCKET = "recap_kernels::fused_adagrad_bucket_"
 
 
 def fused_adam_(
@@ -77,6 +86,80 @@ def fused_adagrad_(
     torch.ops.recap_kernels.fused_adagrad_.default(
         params, grads, state_sums, state_steps, group_sizes, lrs, lr_tensors, lr_decays, epss, weight_decays,
         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+@functools.cache
+def _eager_entry(name: str):
+    """The C++ entry point of ``torch.ops.recap_kernels.<name>.default``, for the eager-only ``*_bucket_`` ops.
+
+    Calling an op whose schema takes a class object through its OpOverload first walks every
+    argument in Python looking for the FakeScriptObjects that tracing makes (torch/_ops.py,
+    ``_must_dispatch_in_python``): about 240 ns a tensor, 1.2 ms for 5,000 gradients, more than the
+    list conversion the bucket saves. Eager calls never hold one, and the overload's ``_op`` is what
+    its ``__call__`` calls when there is none: the C++ dispatcher, Python modes included.
+    """
+    overload = getattr(torch.ops.recap_kernels, name).default
+    return getattr(overload, "_op", overload)
+
+
+def cpu_bucket(
+    params: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    state_steps: Sequence[Tensor],
+    group_sizes: Sequence[int],
+) -> torch.ScriptObject:
+    """A ``torch.classes.recap_kernels.CpuBucket`` holding these lists for the ``*_bucket_`` ops (eager only).
+
+    ``states`` are the state lists in the order the list op takes them: ``[exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs]`` (the last ``[]`` unless amsgrad) for Adam, ``[state_sums]`` for Adagrad.
+    The object keeps the tensors (not their data pointers) until it is dropped; build a new one
+    when any of the tensor objects change.
+    """
+    return torch.classes.recap_kernels.CpuBucket(list(params), [list(s) for s in states], list(state_steps),
+                                                  list(group_sizes))
+
+
+def fused_adam_bucket_(
+    bucket: torch.ScriptObject,
+    grads: Sequence[Tensor],
+    lrs: Sequence[float],
+    lr_tensors: Sequence[Tensor | None],
+    beta1s: Sequence[float],
+    beta2s: Sequence[float],
+    epss: Sequence[float],
+    weight_decays: Sequence[float],
+    *,
+    amsgrad: bool,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """:func:`fused_adam_` on ``bucket``'s params, state and step lists with these gradients (eager only)."""
+    _eager_entry("fused_adam_bucket_")(
+        bucket, grads, lrs, lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad=amsgrad, decoupled=decoupled,
+        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def fused_adagrad_bucket_(
+    bucket: torch.ScriptObject,
+    grads: Sequence[Tensor],
+    lrs: Sequence[float],
+    lr_tensors: Sequence[Tensor | None],
+    lr_decays: Sequence[float],
+    epss: Sequence[float],
+    weight_decays: Sequence[float],
+    *,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """:func:`fused_adagrad_` on ``bucket``'s params, state-sum and step lists with these gradients (eager only)."""
+    _eager_entry("fused_adagrad_bucket_")(
+        bucket, grads, lrs, lr_tensors, lr_decays, epss, weight_decays, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf,
     )
 
 

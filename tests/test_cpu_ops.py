@@ -6,6 +6,7 @@ The optimizer-level equivalence (every option, every dtype, resumes) is the shar
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -308,3 +309,208 @@ def test_without_the_extension_the_backend_says_why():
     env = {**__import__("os").environ, "RECAP_KERNELS_SKIP_EXTENSION": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -- bound buckets: the *_bucket_ ops and the backend's CpuBucket per plan (Note [Bound buckets]) ----------------
+
+
+def _step_grads(sizes, dtype, steps, seed=20):
+    return [_tensors(sizes, dtype, seed + k, 0.1) for k in range(steps)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("amsgrad,decoupled", [(False, False), (True, False), (False, True), (True, True)])
+def test_adam_bucket_op_is_the_list_op_to_the_bit_over_steps(dtype, amsgrad, decoupled):
+    """Same object, new gradients each step (one a found_inf skip, one unscaled): the list op's results."""
+    sizes = (5, 40, 3, 700, 1, 0, 64, 9)
+    group_sizes = [2, 4, 2]
+    hyper = ([1e-3, 0.0, 3e-3], [None, torch.tensor(2e-3), None], [0.9, 0.8, 0.95], [0.999, 0.99, 0.9],
+             [1e-8, 1e-6, 1e-7], [0.0, 0.1, 0.01])
+    state = _adam_state(sizes, dtype, amsgrad)
+    listed, bound_state = _clone(state), _clone(state)
+    params, _, exp_avgs, exp_avg_sqs, maxima, steps = bound_state
+    bucket = _ops.cpu_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, group_sizes)
+    assert len(bucket) == len(sizes)
+    amp = {1: {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(1.0)},
+           2: {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(0.0)}}
+    flags = {"amsgrad": amsgrad, "decoupled": decoupled, "maximize": False}
+    for k, grads in enumerate(_step_grads(sizes, dtype, 4)):
+        listed[1], bound_grads = [g.clone() for g in grads], [g.clone() for g in grads]
+        _ops.fused_adam_(*listed, group_sizes, *hyper, **flags, **amp.get(k, {}))
+        _ops.fused_adam_bucket_(bucket, bound_grads, *hyper, **flags, **amp.get(k, {}))
+        bound_state[1] = bound_grads
+        for name, got, expected in zip(("params", "grads", "exp_avgs", "exp_avg_sqs", "maxima", "steps"),
+                                       bound_state, listed):
+            _assert_bitwise(got, expected, f"step {k} {name}")
+    assert [s.item() for s in steps] == [3.0 + i + 3 for i in range(len(sizes))]  # 4 steps, one skipped
+
+
+def test_adagrad_bucket_op_is_the_list_op_to_the_bit_over_steps():
+    sizes = (5, 40, 3, 700, 1, 64)
+    group_sizes = [3, 3]
+    hyper = ([1e-2, 3e-2], [None, None], [0.0, 0.01], [1e-10, 1e-8], [0.0, 0.1])
+    init = [_tensors(sizes, torch.float32, 0), None, _tensors(sizes, torch.float32, 2, positive=True),
+            [torch.tensor(float(i)) for i in range(len(sizes))]]
+    listed = [[t.clone() for t in ts] if ts else ts for ts in init]
+    ours = [[t.clone() for t in ts] if ts else ts for ts in init]
+    bucket = _ops.cpu_bucket(ours[0], [ours[2]], ours[3], group_sizes)
+    for k, grads in enumerate(_step_grads(sizes, torch.float32, 4)):
+        amp = {"grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(float(k == 2))}
+        listed[1], ours[1] = [g.clone() for g in grads], [g.clone() for g in grads]
+        _ops.fused_adagrad_(*listed, group_sizes, *hyper, maximize=k == 3, **amp)
+        _ops.fused_adagrad_bucket_(bucket, ours[1], *hyper, maximize=k == 3, **amp)
+        for got, expected in zip(ours, listed):
+            _assert_bitwise(got, expected, f"adagrad step {k}")
+
+
+def test_bucket_ops_check_what_the_list_ops_check():
+    args = _small_adam_args()
+    params, grads, exp_avgs, exp_avg_sqs, maxima, steps, sizes, *hyper = args
+    bucket = _ops.cpu_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, sizes)
+    flags = {"amsgrad": True, "decoupled": False, "maximize": False}
+    with pytest.raises(RuntimeError, match="grads must have one tensor per parameter"):
+        _ops.fused_adam_bucket_(bucket, grads[:1], *hyper, **flags)
+    with pytest.raises(RuntimeError, match="grads\\[1\\] has 4 elements"):
+        _ops.fused_adam_bucket_(bucket, [grads[0], torch.zeros(4)], *hyper, **flags)
+    with pytest.raises(RuntimeError, match="max_exp_avg_sqs must have one tensor per parameter \\(0\\)"):
+        _ops.fused_adam_bucket_(bucket, grads, *hyper, **{**flags, "amsgrad": False})
+    with pytest.raises(RuntimeError, match="fused_adagrad_bucket_ takes a CpuBucket with 1 state lists, got 3"):
+        _ops.fused_adagrad_bucket_(bucket, grads, [1e-2, 1e-2], [None, None], [0.0, 0.0], [1e-10, 1e-10],
+                                   [0.0, 0.0], maximize=False)
+
+
+def _optimizer_run(make, init, grads_per_step, between=None):
+    """Steps an optimizer of ``make(params)`` through the gradients; ``between(k, opt, params)`` before step k."""
+    params = [p.clone().requires_grad_() for p in init]
+    opt = make(params)
+    for k, grads in enumerate(grads_per_step):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        if between is not None:
+            between(k, opt, params)
+        opt.step()
+    return params, opt
+
+
+def _assert_same_optimizers(a, b):
+    (params_a, opt_a), (params_b, opt_b) = a, b
+    _assert_bitwise(params_a, params_b, "params")
+    for p, q in zip(params_a, params_b):
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        for key, value in opt_a.state[p].items():
+            _assert_bitwise([value], [opt_b.state[q][key]], f"state {key}")
+
+
+def _counting_builds(monkeypatch):
+    from recap_kernels.backends import cpu_kernels
+
+    builds = []
+    build = _ops.cpu_bucket
+
+    def counting(*args):
+        builds.append(len(args[0]))
+        return build(*args)
+
+    monkeypatch.setattr(_ops, "cpu_bucket", counting)
+    return cpu_kernels, builds
+
+
+OPTIMIZER_CASES = {
+    "adam": lambda ps: optim.Adam(ps, backend="cpu", weight_decay=0.1),
+    "adam-amsgrad": lambda ps: optim.Adam(ps, backend="cpu", amsgrad=True, maximize=True),
+    "adamw": lambda ps: optim.AdamW(ps, backend="cpu", lr=torch.tensor(3e-3)),
+    "adamw-groups": lambda ps: optim.AdamW([{"params": ps[:2], "amsgrad": True}, {"params": ps[2:3]},
+                                            {"params": ps[3:], "lr": 1e-2, "betas": (0.8, 0.9)}], backend="cpu"),
+    "adagrad": lambda ps: optim.Adagrad(ps, backend="cpu", lr_decay=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_a_step_through_bound_buckets_is_the_list_step_to_the_bit(case, monkeypatch):
+    """Several steps, an AMP step that found an inf (skipped) and one it unscales: bound == list, bit for bit."""
+    init = _tensors((7, 300, 2, 64, 1), torch.float32, 0)
+    grads = _step_grads((7, 300, 2, 64, 1), torch.float32, 6)
+
+    def amp(k, opt, params):
+        for name in ("grad_scale", "found_inf"):
+            opt.__dict__.pop(name, None)
+        if k in (2, 4):  # what GradScaler.step hands an optimizer with _step_supports_amp_scaling
+            opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(float(k == 2))
+
+    cpu_kernels, builds = _counting_builds(monkeypatch)
+    monkeypatch.setattr(cpu_kernels, "_bind_buckets", False)
+    listed = _optimizer_run(OPTIMIZER_CASES[case], init, grads, amp)
+    assert builds == []
+    monkeypatch.setattr(cpu_kernels, "_bind_buckets", True)
+    bound = _optimizer_run(OPTIMIZER_CASES[case], init, grads, amp)
+    assert bound[1].backends_used() == {"cpu"}
+    runs = 2 if case == "adamw-groups" else 1  # amsgrad splits the groups into two runs: one object each
+    assert len(builds) == runs, "one CpuBucket per run, built on the first step and kept by the plan"
+    _assert_same_optimizers(bound, listed)
+    assert [bound[1].state[p]["step"].item() for p in bound[0]] == [5.0] * 5
+
+
+def test_a_replan_builds_new_bound_buckets_with_the_new_tensors(monkeypatch):
+    """load_state_dict (new state tensors) and a gradient that comes and goes each make a new plan: the
+    objects built for the old plan, with the old tensors, must not be used again."""
+    init = _tensors((7, 300, 2, 64), torch.float32, 0)
+    grads = _step_grads((7, 300, 2, 64), torch.float32, 8)
+    grads[4][1] = None  # parameter 1 sits out steps 4 and 5
+    grads[5][1] = None
+    donor_params = [p.clone().requires_grad_() for p in init]
+    donor = optim.Adam(donor_params, amsgrad=True, backend="cpu")
+    for g in _step_grads((7, 300, 2, 64), torch.float32, 3, seed=90):
+        for p, t in zip(donor_params, g):
+            p.grad = t
+        donor.step()
+    saved = donor.state_dict()
+
+    def between(k, opt, params):
+        if k == 2:
+            opt.load_state_dict(copy.deepcopy(saved))  # load_state_dict keeps the tensors it is given
+
+    cpu_kernels, builds = _counting_builds(monkeypatch)
+    make = lambda ps: optim.Adam(ps, amsgrad=True, backend="cpu")  # noqa: E731
+    monkeypatch.setattr(cpu_kernels, "_bind_buckets", False)
+    listed = _optimizer_run(make, init, grads, between)
+    monkeypatch.setattr(cpu_kernels, "_bind_buckets", True)
+    bound = _optimizer_run(make, init, grads, between)
+    # Plans: steps 0-1, after load_state_dict 2-3, without parameter 1 4-5, with it again 6-7.
+    assert builds == [4, 4, 3, 4]
+    _assert_same_optimizers(bound, listed)
+    assert bound[1].state[bound[0][0]]["step"].item() == 3 + 6
+    assert bound[1].state[bound[0][1]]["step"].item() == 3 + 4
+
+
+def test_a_compiled_step_matches_eager(monkeypatch):
+    """Under torch.compile the backend calls the list ops (fake kernels, mutation annotations), not bound buckets."""
+    import torch._dynamo
+
+    init = _tensors((17, 4, 300), torch.float32, 0)
+    grads = _step_grads((17, 4, 300), torch.float32, 4)
+    _, builds = _counting_builds(monkeypatch)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    results = []
+    for compiled in (False, True):
+        params = [p.clone().requires_grad_() for p in init]
+        opt = optim.AdamW(params, lr=torch.tensor(1e-2), amsgrad=True, backend="cpu")
+        step = opt.step
+        for k, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            step()
+            if k == 0 and compiled:  # the first step creates the state eagerly
+                torch._dynamo.reset()
+                # Not fullgraph: the plan's backend resolution imports modules, which Dynamo skips.
+                step = torch.compile(opt.step, backend=backend)
+        results.append((params, opt))
+    assert builds == [3, 3], "one CpuBucket per eager plan; none while compiling"
+    ops = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert torch.ops.recap_kernels.fused_adam_.default in ops
+    assert torch.ops.recap_kernels.fused_adam_bucket_.default not in ops
+    _assert_same_optimizers(*results)

@@ -5,6 +5,7 @@
 #include <optional>
 #include <vector>
 
+#include "bucket.h"
 #include "multi_tensor.h"
 #include "recap_kernels/adagrad_math.h"
 #include "recap_kernels/convert.h"
@@ -127,8 +128,24 @@ void fused_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   advance_steps(tensors);
 }
 
+// fused_adagrad_ on a CpuBucket's lists (Note [Bound buckets] in bucket.h): states are state_sums.
+void fused_adagrad_bucket_cpu(const c10::intrusive_ptr<CpuBucket>& bucket, at::TensorList grads,
+                              at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                              at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
+                              at::ArrayRef<double> weight_decays, bool maximize,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  const auto& states = bucket->states_for("fused_adagrad_bucket_", 1);
+  fused_adagrad_cpu(bucket->params, grads, states[0], bucket->state_steps, bucket->group_sizes, lrs, lr_tensors,
+                    lr_decays, epss, weight_decays, maximize, grad_scale, found_inf);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) { m.impl("fused_adagrad_", &fused_adagrad_cpu); }
+TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
+  m.impl("fused_adagrad_", &fused_adagrad_cpu);
+  register_cpu_bucket_class();  // its signature names the class
+  m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket_cpu);
+}
 
 }  // namespace recap_kernels::cpu

@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "bucket.h"
 #include "multi_tensor.h"
 #include "recap_kernels/adam_math.h"
 #include "recap_kernels/convert.h"
@@ -177,8 +178,25 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   advance_steps(tensors);
 }
 
+// fused_adam_ on a CpuBucket's lists (Note [Bound buckets] in bucket.h): states are exp_avgs,
+// exp_avg_sqs, max_exp_avg_sqs.
+void fused_adam_bucket_cpu(const c10::intrusive_ptr<CpuBucket>& bucket, at::TensorList grads,
+                           at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                           at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
+                           at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const auto& states = bucket->states_for("fused_adam_bucket_", 3);
+  fused_adam_cpu(bucket->params, grads, states[0], states[1], states[2], bucket->state_steps, bucket->group_sizes,
+                 lrs, lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad, decoupled, maximize, grad_scale,
+                 found_inf);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) { m.impl("fused_adam_", &fused_adam_cpu); }
+TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
+  m.impl("fused_adam_", &fused_adam_cpu);
+  register_cpu_bucket_class();  // its signature names the class
+  m.impl("fused_adam_bucket_", &fused_adam_bucket_cpu);
+}
 
 }  // namespace recap_kernels::cpu

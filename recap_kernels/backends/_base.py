@@ -86,7 +86,9 @@ class Bucket:
     ``sum``) to per-tensor lists, aligned with ``params`` (``None`` where a tensor's group has no
     such state, e.g. ``max_exp_avg_sq`` without amsgrad); ``steps`` are the ``state["step"]`` tensors.
     ``cache`` persists across steps for this optimizer and bucket key: backends keep their device
-    tables there and rebuild them when the tensors change.
+    tables there and rebuild them when the tensors change. ``scratch`` lives exactly as long as this
+    Bucket object (a new plan makes new Buckets): what a backend derives from this bucket's
+    parameter, state and step lists, which the cached plan keeps while it lives.
     """
 
     key: BucketKey
@@ -97,6 +99,7 @@ class Bucket:
     steps: list[Tensor] = field(default_factory=list)
     state: dict[str, list[Tensor]] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)

@@ -1,0 +1,75 @@
+// recap_kernels::CpuBucket: a bucket's per-parameter tensor lists, held on the C++ side across
+// steps (registered in ../ops.cpp; used by fused_adam_bucket_ and fused_adagrad_bucket_).
+//
+// Note [Bound buckets]
+// An op call from Python converts every Python list it takes into C++ (about 160 ns a tensor),
+// so a step over 5,000 small tensors spends milliseconds converting five lists whose tensors
+// are the same every step. A CpuBucket is built once, when the optimizer's plan is built, from
+// the lists that do not change between steps (params, state, step counters, group sizes); the
+// *_bucket_ ops then take it plus the step's gradients and per-group hyperparameters, and run
+// the list ops' kernels on the stored lists: same checks, same math, same results.
+//
+// Eager mode only. The bucket's tensors are hidden from the dispatcher inside the object, so
+// torch.compile (and anything else that traces or functionalizes) cannot see their mutation:
+// traced code calls the list ops (recap_kernels/backends/cpu_kernels.py does when
+// torch.compiler.is_compiling()). Like the list ops (whose calls leave the version counters
+// as they were), they do not bump the version counters of the tensors they update.
+//
+// The object holds references to the tensors, not their data pointers: pointers are read at
+// each call, so a tensor whose storage is swapped (``p.data = ...``) is still updated where its
+// data lives. A bucket whose tensor *objects* change (load_state_dict, a new plan) needs a new
+// CpuBucket; the Python side builds one per plan.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/custom_class.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace recap_kernels::cpu {
+
+struct CpuBucket : torch::CustomClassHolder {
+  // ``states``: the optimizer's per-parameter state lists in the order its op takes them
+  // (Adam: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, the last empty unless amsgrad; Adagrad:
+  // state_sums). The kernels check lengths, dtypes and sizes at every call, as the list ops do.
+  CpuBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
+            std::vector<at::Tensor> state_steps, std::vector<int64_t> group_sizes)
+      : params(std::move(params)),
+        states(std::move(states)),
+        state_steps(std::move(state_steps)),
+        group_sizes(std::move(group_sizes)) {}
+
+  // The state lists for an op that takes ``expected`` of them.
+  const std::vector<std::vector<at::Tensor>>& states_for(const char* op, size_t expected) const {
+    TORCH_CHECK(states.size() == expected, op, " takes a CpuBucket with ", expected, " state lists, got ",
+                states.size());
+    return states;
+  }
+
+  int64_t size() const { return static_cast<int64_t>(params.size()); }
+
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<at::Tensor>> states;
+  std::vector<at::Tensor> state_steps;
+  std::vector<int64_t> group_sizes;
+};
+
+// Registers torch.classes.recap_kernels.CpuBucket, once. Called by every static registration
+// that needs the class (ops.cpp's schemas, the kernels' TORCH_LIBRARY_IMPL, whose signatures name
+// it): static initializers of different files run in an unspecified order, so whichever runs
+// first registers it.
+inline void register_cpu_bucket_class() {
+  static const bool registered = [] {
+    torch::class_<CpuBucket>("recap_kernels", "CpuBucket")
+        .def(torch::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
+                         std::vector<int64_t>>())
+        .def("__len__", &CpuBucket::size);
+    return true;
+  }();
+  (void)registered;
+}
+
+}  // namespace recap_kernels::cpu
