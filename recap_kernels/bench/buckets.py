@@ -106,6 +106,16 @@ class BucketResult:
     check: str
 
 
+def check_against(params: list[torch.Tensor], reference: list[torch.Tensor]) -> str:
+    """``"OK"`` when every parameter matches the reference's (``assert_close`` defaults), else ``"MISMATCH"``."""
+    for p, ref in zip(params, reference):
+        try:
+            torch.testing.assert_close(p, ref)
+        except AssertionError:
+            return "MISMATCH"
+    return "OK"
+
+
 def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device, *, steps: int,
                  warmup: int, backends: list[str] | None = None) -> list[BucketResult]:
     """Every contender from the same start on the same gradients; the reference's final values judge the rest.
@@ -130,13 +140,7 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
         if reference_final is None:
             reference_final, check = [p.clone() for p in params], "OK (reference)"
         else:
-            check = "OK"
-            for p, ref in zip(params, reference_final):
-                try:
-                    torch.testing.assert_close(p, ref)
-                except AssertionError:
-                    check = "MISMATCH"
-                    break
+            check = check_against(params, reference_final)
         results.append(BucketResult(workload.name, optimizer, name, timer.samples_ms(), workload.numel,
                                     len(workload.sizes), check))
         del opt  # free its state before the next contender allocates its own

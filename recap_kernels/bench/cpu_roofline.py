@@ -69,15 +69,7 @@ def _op_result(workload: buckets.BucketWorkload, optimizer: str, reference: list
     timer = StepTimer(DEVICE)
     for i in range(warmup + steps):
         timer(step, record=i >= warmup)
-    check = "not checked"
-    if reference is not None:
-        check = "OK"
-        for p, ref in zip(params, reference):
-            try:
-                torch.testing.assert_close(p, ref)
-            except AssertionError:
-                check = "MISMATCH"
-                break
+    check = "not checked" if reference is None else buckets.check_against(params, reference)
     return buckets.BucketResult(workload.name, optimizer, "recap-cpu-op", timer.samples_ms(), workload.numel,
                                 len(workload.sizes), check)
 
