@@ -514,3 +514,24 @@ def test_a_compiled_step_matches_eager(monkeypatch):
     assert torch.ops.recap_kernels.fused_adam_.default in ops
     assert torch.ops.recap_kernels.fused_adam_bucket_.default not in ops
     _assert_same_optimizers(*results)
+
+
+@pytest.mark.skipif(not available_backends("cpu")["cpu"][0], reason="cpu backend unavailable")
+def test_compiled_step_is_one_graph_without_recompiles_when_lr_changes():
+    import torch._dynamo
+
+    params = [torch.randn(n).requires_grad_() for n in (5, 300)]
+    opt = optim.Adam(params, lr=torch.tensor(0.01), backend="cpu")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # eager first step: creating the state would otherwise recompile once
+    compiled = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            compiled()
+            opt.param_groups[0]["lr"].fill_(0.01 / (i + 2))  # what a scheduler does to a Tensor lr
+    assert opt.backends_used() == {"cpu"}
+    assert all(opt.state[p]["step"].item() == 4 for p in params)

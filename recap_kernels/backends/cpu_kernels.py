@@ -32,9 +32,7 @@ _OPS = ("fused_adam_", "fused_adagrad_", "fused_adam_bucket_", "fused_adagrad_bu
 _bind_buckets = True
 
 
-def available(device: torch.device) -> Availability:
-    if device.type != "cpu":
-        return Availability(False, f"the cpu backend runs on CPU tensors, not {device.type}")
+def _extension_verdict() -> Availability:
     module, reason = _ext.load()
     if module is None:
         return Availability(False, reason)
@@ -42,6 +40,17 @@ def available(device: torch.device) -> Availability:
     if missing:
         return Availability(False, f"recap_kernels._C has no CPU kernels for {', '.join(missing)}")
     return OK
+
+
+# Decided once, at import: whether the extension is there cannot change within a process, and a
+# plain module constant is what torch.compile can trace through (the loader's import machinery is not).
+_EXTENSION = _extension_verdict()
+
+
+def available(device: torch.device) -> Availability:
+    if device.type != "cpu":
+        return Availability(False, f"the cpu backend runs on CPU tensors, not {device.type}")
+    return _EXTENSION
 
 
 def supports(kind: str, key: BucketKey, groups) -> Availability:
