@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import triton.language as tl
 from torch import Tensor
 
 from recap_kernels._triton import adagrad, adam, multi_tensor
@@ -29,17 +30,13 @@ def _lrs(lr_values: list[float], lr_tensors: list[Tensor], lr_is_tensor: list[bo
     return [next(tensors) if is_tensor else value for value, is_tensor in zip(lr_values, lr_is_tensor)]
 
 
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-            torch.float64: tl.float64}[dtype]
-
-
-def _math_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.float64 if dtype == torch.float64 else tl.float32
+# Storage dtype -> (Triton storage dtype, Triton math dtype): fp32 math for every storage but fp64.
+_TL_DTYPES = {
+    torch.float32: (tl.float32, tl.float32),
+    torch.bfloat16: (tl.bfloat16, tl.float32),
+    torch.float16: (tl.float16, tl.float32),
+    torch.float64: (tl.float64, tl.float64),
+}
 
 
 def adam_step(
@@ -58,7 +55,8 @@ def adam_step(
                                    params[0].device, limit=_COMPILED_TABLE_LIMIT if cache is None else None)
     table.refresh_hyper([tuple(hyper[4 * i:4 * i + 4]) for i in range(len(group_sizes))],
                         _lrs(lr_values, lr_tensors, lr_is_tensor))
-    adam.adam_launch(table, dtype=_tl_dtype(params[0].dtype), math_dtype=_math_dtype(params[0].dtype),
+    dtype, math_dtype = _TL_DTYPES[params[0].dtype]
+    adam.adam_launch(table, dtype=dtype, math_dtype=math_dtype,
                      amsgrad=amsgrad, decoupled=decoupled, maximize=maximize, grad_scale=grad_scale,
                      found_inf=found_inf)
 
@@ -75,7 +73,8 @@ def adagrad_step(
                                    params[0].device, limit=_COMPILED_TABLE_LIMIT if cache is None else None)
     table.refresh_hyper([tuple(hyper[3 * i:3 * i + 3]) for i in range(len(group_sizes))],
                         _lrs(lr_values, lr_tensors, lr_is_tensor))
-    adagrad.adagrad_launch(table, dtype=_tl_dtype(params[0].dtype), math_dtype=_math_dtype(params[0].dtype),
+    dtype, math_dtype = _TL_DTYPES[params[0].dtype]
+    adagrad.adagrad_launch(table, dtype=dtype, math_dtype=math_dtype,
                            maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 
