@@ -9,12 +9,19 @@ Build knobs (environment variables, all printed when the build starts):
   TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX": machine code for sm_80 and sm_90, PTX for newer GPUs
   RECAP_KERNELS_DEBUG       1: -O0 -g (-lineinfo for CUDA)
   RECAP_KERNELS_VEC_REPORT  1: print g++'s vectorization report (-fopt-info-vec-optimized) for the CPU kernels
+  RECAP_KERNELS_PTXAS_REPORT 1: print ptxas's resource report (-Xptxas -v: registers, spills) for the CUDA kernels
   MAX_JOBS                  parallel compile jobs (ninja); defaults to the number of cores
 
 The CPU kernels are compiled for baseline x86-64 and carry AVX2 and AVX-512 clones of their loops
 that the loader picks from at run time (csrc/cpu/multi_tensor.h), so a wheel built here runs on
-any x86-64 CPU; no -march=native. They are compiled with -ffp-contract=off: the update math must
-round exactly as torch's fused kernels do (csrc/include/recap_kernels/adam_math.h).
+any x86-64 CPU; no -march=native. They are compiled with -ffp-contract=off (nvcc: -fmad=false): the
+update math must round exactly as torch's fused kernels do (csrc/include/recap_kernels/adam_math.h).
+
+The CUDA kernels follow the operation order of the fused CUDA Adam of the torch they are built
+against (recap_kernels/_torch_numerics.py reads it from torch's installed header). Compiler warnings
+are errors for our sources; ptxas warns of register spills, and bench/ptxas_report.py (which reads
+the RECAP_KERNELS_PTXAS_REPORT=1 output) fails on any spill in our kernels. Not every ptxas warning
+is an error: CUDA's own float-division slow path spills 4 bytes on sm_90, outside our control.
 
 Build with the torch that will run the kernels: ``pip install --no-build-isolation -e .``.
 The build writes ``recap_kernels/_build_info.json`` so ``python -m recap_kernels info`` reports what
@@ -24,6 +31,7 @@ this build contains, not what the running machine could build.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -64,6 +72,16 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _torch_cuda_adam_opmath() -> bool:
+    """torch's fused CUDA Adam order, from recap_kernels/_torch_numerics.py (loaded by path: the package
+    itself is not importable before it is built)."""
+    spec = importlib.util.spec_from_file_location("_torch_numerics", os.path.join(ROOT, "recap_kernels",
+                                                                                  "_torch_numerics.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.torch_cuda_adam_opmath()
+
+
 def _sources(*patterns: str) -> list[str]:
     found: list[str] = []
     for pattern in patterns:
@@ -76,6 +94,7 @@ def _extensions_and_info():
     build_cuda = _knob("RECAP_KERNELS_BUILD_CUDA", "auto", ("auto", "0", "1"))
     debug = _knob("RECAP_KERNELS_DEBUG", "0", ("0", "1")) == "1"
     vec_report = _knob("RECAP_KERNELS_VEC_REPORT", "0", ("0", "1")) == "1"
+    ptxas_report = _knob("RECAP_KERNELS_PTXAS_REPORT", "0", ("0", "1")) == "1"
 
     import torch
 
@@ -130,7 +149,23 @@ def _extensions_and_info():
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         info["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
-        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"]) + ["-std=c++20"]
+        opmath = _torch_cuda_adam_opmath()
+        info["cuda_adam_order"] = "opmath" if opmath else "double"
+        nvcc = ["-O0", "-g", "-lineinfo"] if debug else ["-O3"]
+        nvcc += [
+            "-std=c++20",
+            "--fmad=false",  # no FMA the source does not spell out (Note [Operation order], adam_math.h)
+            f"-DRECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH={int(opmath)}",
+            "--Werror", "all-warnings",
+            # -Wno-unused-parameter: torch's c10/cuda allocator headers have some (nvcc's host pass
+            # does not treat them as system headers).
+            "-Xcompiler", "-Wall,-Wextra,-Wno-unused-parameter,-Werror",
+            "-Xptxas", "--warn-on-spills",  # bench/ptxas_report.py fails on a spill in our kernels
+        ]
+        if ptxas_report:
+            nvcc += ["-Xptxas", "-v"]
+        extra["nvcc"] = nvcc
+        info["nvcc_flags"] = nvcc
         sources += cuda_sources
         ext_cls = cpp_extension.CUDAExtension
         info["cuda_extension"] = True

@@ -4,8 +4,10 @@
 #
 #   bash bench/gpu_check.sh
 #
-# 1. builds the package in place (the CUDA extension too, when there are CUDA sources);
-# 2. runs the `gpu`-marked tests;
+# 1. builds the package in place, CUDA kernels included (RECAP_KERNELS_BUILD_CUDA=1), and checks
+#    ptxas's report of that build for register spills in our kernels (bench/ptxas_report.py);
+# 2. runs the `gpu`-marked tests, then one CUDA-kernel case under compute-sanitizer (memcheck)
+#    when the toolkit has it;
 # 3. tunes the Triton launch shape on scratch tensors (bench/tune_triton.py);
 # 4. runs the GPU benchmark (python -m recap_kernels bench --device cuda), which measures the
 #    device-to-device copy bandwidth in the same run;
@@ -39,18 +41,34 @@ stage() {
 }
 
 status=0
-stage build 240 "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -e . || status=1
+RECAP_KERNELS_BUILD_CUDA=1 RECAP_KERNELS_PTXAS_REPORT=1 \
+  stage build 240 "$PY" -m pip install -v --no-build-isolation --no-deps --no-cache-dir -e . || status=1
+stage ptxas 30 "$PY" bench/ptxas_report.py "$OUT/build.log" || status=1
 stage info 60 "$PY" -m recap_kernels info || status=1
-stage tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests || status=1
-stage tune 60 "$PY" bench/tune_triton.py || status=1
-stage bench 150 "$PY" -m recap_kernels bench --device cuda --json "$OUT/bench.json" || status=1
+stage tests 210 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests || status=1
+SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
+if [ -x "$SANITIZER" ]; then
+  stage memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_cuda_ops.py -k sanitizer || status=1
+else
+  echo "memcheck skipped: no $SANITIZER" >> "$SUMMARY"
+fi
+stage tune 45 "$PY" bench/tune_triton.py || status=1
+stage bench 120 "$PY" -m recap_kernels bench --device cuda --json "$OUT/bench.json" || status=1
 
 echo
 echo "== logs in $OUT =="
 cat "$OUT/info.log" 2>/dev/null | head -n 30
 echo
+echo "== ptxas (registers, spills) =="
+cat "$OUT/ptxas.log" 2>/dev/null | tail -n 60
+echo
 echo "== tests =="
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
+echo
+echo "== memcheck =="
+tail -n 5 "$OUT/memcheck.log" 2>/dev/null
 echo
 echo "== tune (Triton launch shapes) =="
 cat "$OUT/tune.log" 2>/dev/null | tail -n 20

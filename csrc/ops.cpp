@@ -13,14 +13,30 @@
 //   * grad_scale / found_inf are GradScaler's: gradients are divided by grad_scale and stored back
 //     unscaled; a nonzero found_inf makes the call change nothing, step counters included.
 // The *_bucket_ ops are the same steps with the lists that do not change between steps (params,
-// state, state_steps, group_sizes) held in a CpuBucket built once (Note [Bound buckets] in
-// cpu/bucket.h): eager mode only; torch.compile traces the list ops.
+// state, state_steps, group_sizes) held in a BoundBucket built once (Note [Bound buckets] in
+// common/bucket.h): eager mode only; torch.compile traces the list ops.
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
-#include "cpu/bucket.h"
+#include "common/bucket.h"
 
 // Python.h only for the module's entry point; the limited API keeps the wheel abi3.
 #include <Python.h>
+
+namespace recap_kernels {
+
+void register_bound_bucket_class() {
+  static const bool registered = [] {
+    torch::class_<BoundBucket>("recap_kernels", "BoundBucket")
+        .def(torch::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
+                         std::vector<int64_t>>())
+        .def("__len__", &BoundBucket::size);
+    return true;
+  }();
+  (void)registered;
+}
+
+}  // namespace recap_kernels
 
 extern "C" {
 // ``import recap_kernels._C`` loads this library, which runs the static TORCH_LIBRARY
@@ -51,17 +67,17 @@ TORCH_LIBRARY(recap_kernels, m) {
       "fused_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, Tensor(d!)[] state_steps, "
       "int[] group_sizes, float[] lrs, Tensor?[] lr_tensors, float[] lr_decays, float[] epss, float[] weight_decays, "
       "*, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // The class torch.classes.recap_kernels.CpuBucket (cpu/bucket.h says why it is registered there).
+  // The class torch.classes.recap_kernels.BoundBucket (common/bucket.h says why it is registered there).
   // The *_bucket_ ops mutate its tensors in place, which their schemas cannot say (the schema
   // language takes no alias annotation on a class): only the gradients are marked (a!). Eager
   // mode only (see Note [Bound buckets]).
-  recap_kernels::cpu::register_cpu_bucket_class();
+  recap_kernels::register_bound_bucket_class();
   m.def(
-      "fused_adam_bucket_(__torch__.torch.classes.recap_kernels.CpuBucket bucket, Tensor(a!)[] grads, "
+      "fused_adam_bucket_(__torch__.torch.classes.recap_kernels.BoundBucket bucket, Tensor(a!)[] grads, "
       "float[] lrs, Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, *, "
       "bool amsgrad, bool decoupled, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
-      "fused_adagrad_bucket_(__torch__.torch.classes.recap_kernels.CpuBucket bucket, Tensor(a!)[] grads, "
+      "fused_adagrad_bucket_(__torch__.torch.classes.recap_kernels.BoundBucket bucket, Tensor(a!)[] grads, "
       "float[] lrs, Tensor?[] lr_tensors, float[] lr_decays, float[] epss, float[] weight_decays, *, "
       "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Test-only: out = src, through convert.h's load and store (tests/test_math_edges.py).

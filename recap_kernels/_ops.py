@@ -7,10 +7,10 @@ exist so that callers name arguments, and so that this module, imported once, re
 kernels that let ``torch.compile`` trace a step (the ops mutate their arguments and return
 nothing, so a fake kernel only has to accept the call).
 
-The ``*_bucket_`` ops are the same steps on a :func:`cpu_bucket`, an object that holds the
+The ``*_bucket_`` ops are the same steps on a :func:`bound_bucket`, an object that holds the
 per-parameter lists that do not change between steps (params, state, step counters, group sizes)
 on the C++ side, so a call converts only the gradients (Note [Bound buckets] in
-``csrc/cpu/bucket.h``). They are for eager mode only: the bucket's tensors are invisible to
+``csrc/common/bucket.h``). They are for eager mode only: the bucket's tensors are invisible to
 tracing, they have no fake kernels, and compiled code calls the list ops.
 
 Importing this module loads ``recap_kernels._C`` if it was built; :data:`LOADED` says whether it
@@ -103,20 +103,20 @@ def _eager_entry(name: str):
     return getattr(overload, "_op", overload)
 
 
-def cpu_bucket(
+def bound_bucket(
     params: Sequence[Tensor],
     states: Sequence[Sequence[Tensor]],
     state_steps: Sequence[Tensor],
     group_sizes: Sequence[int],
 ) -> torch.ScriptObject:
-    """A ``torch.classes.recap_kernels.CpuBucket`` holding these lists for the ``*_bucket_`` ops (eager only).
+    """A ``torch.classes.recap_kernels.BoundBucket`` holding these lists for the ``*_bucket_`` ops (eager only).
 
     ``states`` are the state lists in the order the list op takes them: ``[exp_avgs, exp_avg_sqs,
     max_exp_avg_sqs]`` (the last ``[]`` unless amsgrad) for Adam, ``[state_sums]`` for Adagrad.
     The object keeps the tensors (not their data pointers) until it is dropped; build a new one
     when any of the tensor objects change.
     """
-    return torch.classes.recap_kernels.CpuBucket(list(params), [list(s) for s in states], list(state_steps),
+    return torch.classes.recap_kernels.BoundBucket(list(params), [list(s) for s in states], list(state_steps),
                                                   list(group_sizes))
 
 

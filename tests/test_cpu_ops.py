@@ -311,7 +311,7 @@ def test_without_the_extension_the_backend_says_why():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-# -- bound buckets: the *_bucket_ ops and the backend's CpuBucket per plan (Note [Bound buckets]) ----------------
+# -- bound buckets: the *_bucket_ ops and the backend's BoundBucket per plan (Note [Bound buckets]) ----------------
 
 
 def _step_grads(sizes, dtype, steps, seed=20):
@@ -329,7 +329,7 @@ def test_adam_bucket_op_is_the_list_op_to_the_bit_over_steps(dtype, amsgrad, dec
     state = _adam_state(sizes, dtype, amsgrad)
     listed, bound_state = _clone(state), _clone(state)
     params, _, exp_avgs, exp_avg_sqs, maxima, steps = bound_state
-    bucket = _ops.cpu_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, group_sizes)
+    bucket = _ops.bound_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, group_sizes)
     assert len(bucket) == len(sizes)
     amp = {1: {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(1.0)},
            2: {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(0.0)}}
@@ -353,7 +353,7 @@ def test_adagrad_bucket_op_is_the_list_op_to_the_bit_over_steps():
             [torch.tensor(float(i)) for i in range(len(sizes))]]
     listed = [[t.clone() for t in ts] if ts else ts for ts in init]
     ours = [[t.clone() for t in ts] if ts else ts for ts in init]
-    bucket = _ops.cpu_bucket(ours[0], [ours[2]], ours[3], group_sizes)
+    bucket = _ops.bound_bucket(ours[0], [ours[2]], ours[3], group_sizes)
     for k, grads in enumerate(_step_grads(sizes, torch.float32, 4)):
         amp = {"grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(float(k == 2))}
         listed[1], ours[1] = [g.clone() for g in grads], [g.clone() for g in grads]
@@ -366,7 +366,7 @@ def test_adagrad_bucket_op_is_the_list_op_to_the_bit_over_steps():
 def test_bucket_ops_check_what_the_list_ops_check():
     args = _small_adam_args()
     params, grads, exp_avgs, exp_avg_sqs, maxima, steps, sizes, *hyper = args
-    bucket = _ops.cpu_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, sizes)
+    bucket = _ops.bound_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, sizes)
     flags = {"amsgrad": True, "decoupled": False, "maximize": False}
     with pytest.raises(RuntimeError, match="grads must have one tensor per parameter"):
         _ops.fused_adam_bucket_(bucket, grads[:1], *hyper, **flags)
@@ -374,7 +374,7 @@ def test_bucket_ops_check_what_the_list_ops_check():
         _ops.fused_adam_bucket_(bucket, [grads[0], torch.zeros(4)], *hyper, **flags)
     with pytest.raises(RuntimeError, match="max_exp_avg_sqs must have one tensor per parameter \\(0\\)"):
         _ops.fused_adam_bucket_(bucket, grads, *hyper, **{**flags, "amsgrad": False})
-    with pytest.raises(RuntimeError, match="fused_adagrad_bucket_ takes a CpuBucket with 1 state lists, got 3"):
+    with pytest.raises(RuntimeError, match="fused_adagrad_bucket_ takes a BoundBucket with 1 state lists, got 3"):
         _ops.fused_adagrad_bucket_(bucket, grads, [1e-2, 1e-2], [None, None], [0.0, 0.0], [1e-10, 1e-10],
                                    [0.0, 0.0], maximize=False)
 
@@ -402,17 +402,17 @@ def _assert_same_optimizers(a, b):
 
 
 def _counting_builds(monkeypatch):
-    from recap_kernels.backends import cpu_kernels
+    from recap_kernels.backends import _cpp_steps
 
     builds = []
-    build = _ops.cpu_bucket
+    build = _ops.bound_bucket
 
     def counting(*args):
         builds.append(len(args[0]))
         return build(*args)
 
-    monkeypatch.setattr(_ops, "cpu_bucket", counting)
-    return cpu_kernels, builds
+    monkeypatch.setattr(_ops, "bound_bucket", counting)
+    return _cpp_steps, builds
 
 
 OPTIMIZER_CASES = {
@@ -437,15 +437,15 @@ def test_a_step_through_bound_buckets_is_the_list_step_to_the_bit(case, monkeypa
         if k in (2, 4):  # what GradScaler.step hands an optimizer with _step_supports_amp_scaling
             opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(float(k == 2))
 
-    cpu_kernels, builds = _counting_builds(monkeypatch)
-    monkeypatch.setattr(cpu_kernels, "_bind_buckets", False)
+    steps, builds = _counting_builds(monkeypatch)
+    monkeypatch.setattr(steps, "bind_buckets", False)
     listed = _optimizer_run(OPTIMIZER_CASES[case], init, grads, amp)
     assert builds == []
-    monkeypatch.setattr(cpu_kernels, "_bind_buckets", True)
+    monkeypatch.setattr(steps, "bind_buckets", True)
     bound = _optimizer_run(OPTIMIZER_CASES[case], init, grads, amp)
     assert bound[1].backends_used() == {"cpu"}
     runs = 2 if case == "adamw-groups" else 1  # amsgrad splits the groups into two runs: one object each
-    assert len(builds) == runs, "one CpuBucket per run, built on the first step and kept by the plan"
+    assert len(builds) == runs, "one BoundBucket per run, built on the first step and kept by the plan"
     _assert_same_optimizers(bound, listed)
     assert [bound[1].state[p]["step"].item() for p in bound[0]] == [5.0] * 5
 
@@ -469,11 +469,11 @@ def test_a_replan_builds_new_bound_buckets_with_the_new_tensors(monkeypatch):
         if k == 2:
             opt.load_state_dict(copy.deepcopy(saved))  # load_state_dict keeps the tensors it is given
 
-    cpu_kernels, builds = _counting_builds(monkeypatch)
+    steps, builds = _counting_builds(monkeypatch)
     make = lambda ps: optim.Adam(ps, amsgrad=True, backend="cpu")  # noqa: E731
-    monkeypatch.setattr(cpu_kernels, "_bind_buckets", False)
+    monkeypatch.setattr(steps, "bind_buckets", False)
     listed = _optimizer_run(make, init, grads, between)
-    monkeypatch.setattr(cpu_kernels, "_bind_buckets", True)
+    monkeypatch.setattr(steps, "bind_buckets", True)
     bound = _optimizer_run(make, init, grads, between)
     # Plans: steps 0-1, after load_state_dict 2-3, without parameter 1 4-5, with it again 6-7.
     assert builds == [4, 4, 3, 4]
@@ -509,7 +509,7 @@ def test_a_compiled_step_matches_eager(monkeypatch):
                 # Not fullgraph: the plan's backend resolution imports modules, which Dynamo skips.
                 step = torch.compile(opt.step, backend=backend)
         results.append((params, opt))
-    assert builds == [3, 3], "one CpuBucket per eager plan; none while compiling"
+    assert builds == [3, 3], "one BoundBucket per eager plan; none while compiling"
     ops = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     assert torch.ops.recap_kernels.fused_adam_.default in ops
     assert torch.ops.recap_kernels.fused_adam_bucket_.default not in ops

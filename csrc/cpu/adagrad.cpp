@@ -5,7 +5,7 @@
 #include <optional>
 #include <vector>
 
-#include "bucket.h"
+#include "../common/bucket.h"
 #include "multi_tensor.h"
 #include "recap_kernels/adagrad_math.h"
 #include "recap_kernels/convert.h"
@@ -114,11 +114,11 @@ void fused_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   std::vector<int64_t> starts(n + 1, 0);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_param(i, p, dtype);
+    check_param(i, p, params[0], c10::kCPU);
     check_like_param("grads", i, grads[i], p);
     check_like_param("state_sums", i, state_sums[i], p);
     tensors[i] = AdagradTensor{p.data_ptr(), grads[i].data_ptr(), state_sums[i].data_ptr(),
-                               step_pointer(i, state_steps[i]), tensor_group[i]};
+                               step_pointer(i, state_steps[i], p), tensor_group[i]};
     starts[i + 1] = starts[i] + p.numel();
   }
 
@@ -128,8 +128,8 @@ void fused_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   advance_steps(tensors);
 }
 
-// fused_adagrad_ on a CpuBucket's lists (Note [Bound buckets] in bucket.h): states are state_sums.
-void fused_adagrad_bucket_cpu(const c10::intrusive_ptr<CpuBucket>& bucket, at::TensorList grads,
+// fused_adagrad_ on a BoundBucket's lists (Note [Bound buckets] in bucket.h): states are state_sums.
+void fused_adagrad_bucket_cpu(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
                               at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
                               at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
                               at::ArrayRef<double> weight_decays, bool maximize,
@@ -144,7 +144,7 @@ void fused_adagrad_bucket_cpu(const c10::intrusive_ptr<CpuBucket>& bucket, at::T
 
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
   m.impl("fused_adagrad_", &fused_adagrad_cpu);
-  register_cpu_bucket_class();  // its signature names the class
+  register_bound_bucket_class();  // its signature names the class
   m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket_cpu);
 }
 

@@ -10,7 +10,7 @@
 #include <optional>
 #include <vector>
 
-#include "bucket.h"
+#include "../common/bucket.h"
 #include "multi_tensor.h"
 #include "recap_kernels/adam_math.h"
 #include "recap_kernels/convert.h"
@@ -155,7 +155,7 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   std::vector<int64_t> starts(n + 1, 0);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_param(i, p, dtype);
+    check_param(i, p, params[0], c10::kCPU);
     check_like_param("grads", i, grads[i], p);
     check_like_param("exp_avgs", i, exp_avgs[i], p);
     check_like_param("exp_avg_sqs", i, exp_avg_sqs[i], p);
@@ -167,7 +167,7 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                             exp_avgs[i].data_ptr(),
                             exp_avg_sqs[i].data_ptr(),
                             amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
-                            step_pointer(i, state_steps[i]),
+                            step_pointer(i, state_steps[i], p),
                             tensor_group[i]};
     starts[i + 1] = starts[i] + p.numel();
   }
@@ -178,9 +178,9 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   advance_steps(tensors);
 }
 
-// fused_adam_ on a CpuBucket's lists (Note [Bound buckets] in bucket.h): states are exp_avgs,
+// fused_adam_ on a BoundBucket's lists (Note [Bound buckets] in bucket.h): states are exp_avgs,
 // exp_avg_sqs, max_exp_avg_sqs.
-void fused_adam_bucket_cpu(const c10::intrusive_ptr<CpuBucket>& bucket, at::TensorList grads,
+void fused_adam_bucket_cpu(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
                            at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
                            at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
                            at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
@@ -195,7 +195,7 @@ void fused_adam_bucket_cpu(const c10::intrusive_ptr<CpuBucket>& bucket, at::Tens
 
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
   m.impl("fused_adam_", &fused_adam_cpu);
-  register_cpu_bucket_class();  // its signature names the class
+  register_bound_bucket_class();  // its signature names the class
   m.impl("fused_adam_bucket_", &fused_adam_bucket_cpu);
 }
 

@@ -1,4 +1,4 @@
-// What the multi-tensor CPU kernels share: argument checks, per-group hyperparameters, the split
+// What the multi-tensor CPU kernels share: per-group hyperparameters, AMP scalars, the split
 // of a bucket's elements over threads, and the run-time choice of instruction set.
 #pragma once
 
@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/arguments.h"
 #include "recap_kernels/convert.h"
 
 // Note [CPU instruction sets]
@@ -99,7 +100,7 @@ inline std::vector<double> group_learning_rates(at::ArrayRef<double> lrs,
   for (size_t i = 0; i < values.size(); ++i) {
     const std::optional<at::Tensor> lr = lr_tensors.get(i);
     if (lr.has_value() && lr->defined()) {
-      TORCH_CHECK(lr->numel() == 1, "lr_tensors[", i, "] must have one element, got ", lr->numel());
+      check_lr_tensor(i, *lr);
       TORCH_CHECK(lr->is_cpu(), "lr_tensors[", i, "] must be a CPU tensor for the CPU kernels");
       values[i] = lr->item<double>();
     }
@@ -107,86 +108,15 @@ inline std::vector<double> group_learning_rates(at::ArrayRef<double> lrs,
   return values;
 }
 
-// Group index of every tensor, from the groups' sizes (consecutive spans of the tensor lists).
-inline std::vector<int32_t> tensor_groups(at::IntArrayRef group_sizes, int64_t num_tensors) {
-  std::vector<int32_t> groups;
-  groups.reserve(num_tensors);
-  for (size_t g = 0; g < group_sizes.size(); ++g) {
-    TORCH_CHECK(group_sizes[g] >= 0, "group_sizes[", g, "] is negative");
-    groups.insert(groups.end(), group_sizes[g], static_cast<int32_t>(g));
-  }
-  TORCH_CHECK(static_cast<int64_t>(groups.size()) == num_tensors, "group_sizes add up to ", groups.size(),
-              " tensors, but params has ", num_tensors);
-  return groups;
-}
-
-inline void check_group_list(const char* name, size_t size, size_t num_groups) {
-  TORCH_CHECK(size == num_groups, name, " must have one entry per group (", num_groups, "), got ", size);
-}
-
-inline void check_list_length(const char* name, at::TensorList list, size_t expected) {
-  TORCH_CHECK(list.size() == expected, name, " must have one tensor per parameter (", expected, "), got ",
-              list.size());
-}
-
-// A state or gradient tensor must be laid out exactly as its parameter.
-inline void check_like_param(const char* name, size_t i, const at::Tensor& t, const at::Tensor& param) {
-  TORCH_CHECK(t.is_cpu(), name, "[", i, "] must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), name, "[", i, "] has dtype ", t.scalar_type(),
-              " but its parameter has ", param.scalar_type());
-  TORCH_CHECK(t.numel() == param.numel(), name, "[", i, "] has ", t.numel(), " elements but its parameter has ",
-              param.numel());
-  TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
-}
-
-inline void check_param(size_t i, const at::Tensor& param, c10::ScalarType dtype) {
-  TORCH_CHECK(param.is_cpu(), "params[", i, "] must be a CPU tensor");
-  TORCH_CHECK(param.scalar_type() == dtype, "params[", i, "] has dtype ", param.scalar_type(), " but params[0] has ",
-              dtype, ": one call takes one dtype");
-  TORCH_CHECK(param.is_contiguous(), "params[", i, "] must be contiguous");
-}
-
-inline float* step_pointer(size_t i, const at::Tensor& step) {
-  TORCH_CHECK(step.is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1, "state_steps[", i,
-              "] must be a one-element float32 CPU tensor");
-  return step.data_ptr<float>();
-}
-
 // AMP: whether found_inf says to skip this step, and the loss scale to divide out (if any).
 inline bool step_is_skipped(const std::optional<at::Tensor>& found_inf) {
-  if (!found_inf.has_value() || !found_inf->defined()) {
-    return false;
-  }
-  TORCH_CHECK(found_inf->is_cpu() && found_inf->scalar_type() == at::kFloat && found_inf->numel() == 1,
-              "found_inf must be a one-element float32 CPU tensor");
-  return *found_inf->data_ptr<float>() != 0.0f;
+  const float* flag = amp_scalar("found_inf", found_inf, c10::Device(c10::kCPU));
+  return flag != nullptr && *flag != 0.0f;
 }
 
 inline std::optional<float> loss_scale(const std::optional<at::Tensor>& grad_scale) {
-  if (!grad_scale.has_value() || !grad_scale->defined()) {
-    return std::nullopt;
-  }
-  TORCH_CHECK(grad_scale->is_cpu() && grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
-              "grad_scale must be a one-element float32 CPU tensor");
-  return *grad_scale->data_ptr<float>();
-}
-
-// Calls ``fn(tag)`` with the convert.h storage tag of ``dtype`` (float, double, BFloat16Storage,
-// HalfStorage); the CPU kernels take exactly these four dtypes.
-template <typename Fn>
-void dispatch_storage(c10::ScalarType dtype, const char* op, const Fn& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      return fn(float{});
-    case at::kDouble:
-      return fn(double{});
-    case at::kBFloat16:
-      return fn(BFloat16Storage{});
-    case at::kHalf:
-      return fn(HalfStorage{});
-    default:
-      TORCH_CHECK(false, op, " takes float32, float64, bfloat16 or float16 tensors, not ", dtype);
-  }
+  const float* scale = amp_scalar("grad_scale", grad_scale, c10::Device(c10::kCPU));
+  return scale != nullptr ? std::optional<float>(*scale) : std::nullopt;
 }
 
 }  // namespace recap_kernels::cpu

@@ -24,10 +24,22 @@
 // p - (step_size * m) / denom. torch.optim's single-tensor path (the float32/float64 reference)
 // computes the same FMAs through its own kernels (add with alpha, addcmul, lerp).
 // So every FMA is spelled out here, and the translation units that include this header must not
-// let the compiler contract anything else: g++ runs with -ffp-contract=off, and nvcc needs
-// -fmad=false (torch's CUDA kernels follow a different order, in double; see
-// recap_kernels/_triton/_math.py for both).
+// let the compiler contract anything else: g++ runs with -ffp-contract=off, nvcc with -fmad=false.
+//
+// Note [CUDA operation order]
+// torch's fused CUDA kernel (ATen/native/cuda/fused_adam_utils.cuh) orders the arithmetic
+// differently, and differently across torch versions, so the CUDA kernels use adam_update_cuda
+// below, in one of two orders picked when the extension is built (setup.py reads the header of
+// the torch it builds against, RECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH):
+//   * opmath (torch >= 2.11): hyperparameters rounded to the math dtype, bias corrections with
+//     powf, the moments as fma(beta, m, fma(-beta, g, g)) ("lerp with fma");
+//   * double (older torch): hyperparameters kept in double, so every step that mixes them with
+//     a float value is computed in double and rounded once; the moments as beta * m + (1 - beta) * g.
+// In both, torch's build lets nvcc contract a * b + c into an FMA; the contractions it makes are
+// spelled out here as rk_fma (weight decay, AdamW's decay, the double-order moments).
 #pragma once
+
+#include <type_traits>
 
 #include "recap_kernels/scalar_ops.h"
 
@@ -101,6 +113,76 @@ RK_HOST_DEVICE void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& 
   }
   const T denom = rk_sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
   // torch adds (-step_size * m) / denom; negating is exact, so this is the same number.
+  param = param - (s.step_size * exp_avg) / denom;
+}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA order (Note [CUDA operation order])
+// ------------------------------------------------------------------------------------------------
+
+// The per-tensor scalars of one Adam step in torch's CUDA order. H is the type the
+// hyperparameters are held in: the math dtype T (opmath order) or double (double order).
+template <typename T, bool OPMATH>
+struct AdamCudaScalars {
+  using H = std::conditional_t<OPMATH, T, double>;
+  H lr, beta1, beta2, eps, weight_decay;
+  T step_size;              // lr / bias_correction1
+  T bias_correction2_sqrt;  // sqrt(1 - beta2 ** step), in T
+};
+
+// ``step`` is the step being taken, as stored in the (float32) step counter.
+template <typename T, bool OPMATH>
+RK_HOST_DEVICE AdamCudaScalars<T, OPMATH> adam_cuda_scalars(double lr, double beta1, double beta2, double eps,
+                                                            double weight_decay, float step) {
+  using H = typename AdamCudaScalars<T, OPMATH>::H;
+  AdamCudaScalars<T, OPMATH> s;
+  s.lr = H(lr);
+  s.beta1 = H(beta1);
+  s.beta2 = H(beta2);
+  s.eps = H(eps);
+  s.weight_decay = H(weight_decay);
+  const H exponent = H(T(step));
+  const T bias_correction1 = T(H(1) - rk_pow(s.beta1, exponent));
+  const T bias_correction2 = T(H(1) - rk_pow(s.beta2, exponent));
+  s.step_size = T(s.lr / H(bias_correction1));
+  s.bias_correction2_sqrt = rk_sqrt(bias_correction2);
+  return s;
+}
+
+// AMP: the loss scale divided out in H, as torch's CUDA kernel does.
+template <typename T, bool OPMATH>
+RK_HOST_DEVICE T unscale_grad_cuda(T g, float grad_scale) {
+  using H = typename AdamCudaScalars<T, OPMATH>::H;
+  return T(H(g) / H(grad_scale));
+}
+
+// One element of an Adam/AdamW step in torch's CUDA order; ``grad`` is already unscaled.
+template <typename T, bool OPMATH, bool AMSGRAD, bool DECOUPLED>
+RK_HOST_DEVICE void adam_update_cuda(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                                     const AdamCudaScalars<T, OPMATH>& s, bool maximize) {
+  using H = typename AdamCudaScalars<T, OPMATH>::H;
+  T g = maximize ? -grad : grad;
+  if (s.weight_decay != H(0)) {  // skipped, not multiplied by zero: inf/NaN parameters as in torch
+    if constexpr (DECOUPLED) {
+      param = T(rk_fma(-(s.lr * s.weight_decay), H(param), H(param)));  // param -= lr * wd * param
+    } else {
+      g = T(rk_fma(H(param), s.weight_decay, H(g)));  // grad += param * wd
+    }
+  }
+  if constexpr (OPMATH) {
+    exp_avg = rk_fma(s.beta1, exp_avg, rk_fma(-s.beta1, g, g));
+    const T g2 = g * g;
+    exp_avg_sq = rk_fma(s.beta2, exp_avg_sq, rk_fma(-s.beta2, g2, g2));
+  } else {
+    exp_avg = T(rk_fma(s.beta1, H(exp_avg), (H(1) - s.beta1) * H(g)));
+    exp_avg_sq = T(rk_fma(s.beta2, H(exp_avg_sq), (H(1) - s.beta2) * H(g) * H(g)));
+  }
+  T second_moment = exp_avg_sq;
+  if constexpr (AMSGRAD) {
+    max_exp_avg_sq = std_max(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const T denom = T(H(rk_sqrt(second_moment) / s.bias_correction2_sqrt) + s.eps);
   param = param - (s.step_size * exp_avg) / denom;
 }
 

@@ -16,21 +16,35 @@
 
 #include "recap_kernels/scalar_ops.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace recap_kernels {
 
 // bfloat16 is the upper half of a float32: widening is a shift.
 RK_HOST_DEVICE float bfloat16_bits_to_float(uint16_t h) { return bits_as_float(uint32_t(h) << 16); }
 
 // Round to nearest even (c10::BFloat16's round_to_nearest_even); NaN becomes a quiet NaN, never inf.
+// On the GPU one conversion instruction does the same (its NaN is 0x7fff, also quiet).
 RK_HOST_DEVICE uint16_t float_to_bfloat16_bits(float f) {
+#if RK_DEVICE_CODE
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   const uint32_t u = float_as_bits(f);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return uint16_t(f != f ? 0x7fc0u : rounded);
+#endif
 }
 
 // IEEE half -> float, exact for every input (normals, subnormals, zeros, inf, NaN).
-// All three cases are computed and one is selected, which keeps the loop branch-free.
+// All three cases are computed and one is selected, which keeps the loop branch-free; the GPU has
+// an instruction for it.
 RK_HOST_DEVICE float half_bits_to_float(uint16_t h) {
+#if RK_DEVICE_CODE
+  return __half2float(__ushort_as_half(h));
+#else
   const uint32_t shifted = uint32_t(h & 0x7fffu) << 13;  // exponent and mantissa in float position
   const uint32_t exponent = shifted & 0x0f800000u;       // the half's exponent field, shifted
   const uint32_t normal = shifted + 0x38000000u;         // rebias the exponent: + (127 - 15) << 23
@@ -39,10 +53,15 @@ RK_HOST_DEVICE float half_bits_to_float(uint16_t h) {
   const uint32_t subnormal = float_as_bits(bits_as_float(shifted + 0x38800000u) - bits_as_float(0x38800000u));
   const uint32_t magnitude = exponent == 0x0f800000u ? inf_nan : (exponent == 0u ? subnormal : normal);
   return bits_as_float(magnitude | (uint32_t(h & 0x8000u) << 16));
+#endif
 }
 
-// float -> IEEE half, rounded to nearest even; overflow gives inf, NaN a quiet NaN (0x7e00).
+// float -> IEEE half, rounded to nearest even; overflow gives inf, NaN a quiet NaN (0x7e00; the
+// GPU's conversion instruction, used there, gives 0x7fff).
 RK_HOST_DEVICE uint16_t float_to_half_bits(float f) {
+#if RK_DEVICE_CODE
+  return __half_as_ushort(__float2half_rn(f));
+#else
   const uint32_t u = float_as_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
@@ -56,6 +75,7 @@ RK_HOST_DEVICE uint16_t float_to_half_bits(float f) {
   const uint32_t inf_nan = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
   const uint32_t magnitude = a >= 0x47800000u ? inf_nan : (a < 0x38800000u ? subnormal : normal);
   return uint16_t(magnitude | sign);
+#endif
 }
 
 // Storage dtype tags with their raw element type and math dtype.

@@ -75,6 +75,14 @@ RK_HOST_DEVICE double rk_pow(double base, double exponent) {
 #endif
 }
 
+RK_HOST_DEVICE float rk_pow(float base, float exponent) {
+#if RK_DEVICE_CODE
+  return ::powf(base, exponent);
+#else
+  return std::pow(base, exponent);
+#endif
+}
+
 template <typename T>
 RK_HOST_DEVICE T rk_sqrt(T x) {
 #if RK_DEVICE_CODE
@@ -92,6 +100,13 @@ RK_HOST_DEVICE T nan_propagating_max(T a, T b) {
   const T larger = a > b ? a : b;
   const bool either_nan = (a != a) | (b != b);
   return either_nan ? a + b : larger;
+}
+
+// max as std::max computes it, ``a < b ? b : a``: a NaN in ``b`` is dropped, one in ``a`` kept
+// (torch's CUDA amsgrad; its CPU kernel uses nan_propagating_max).
+template <typename T>
+RK_HOST_DEVICE T std_max(T a, T b) {
+  return a < b ? b : a;
 }
 
 // AMP: GradScaler's loss scale is divided out in the math dtype (torch's CPU fused kernels).

@@ -1,10 +1,11 @@
-// recap_kernels::CpuBucket: a bucket's per-parameter tensor lists, held on the C++ side across
-// steps (registered in ../ops.cpp; used by fused_adam_bucket_ and fused_adagrad_bucket_).
+// recap_kernels::BoundBucket: a bucket's per-parameter tensor lists, held on the C++ side across
+// steps (registered in ../ops.cpp; used by fused_adam_bucket_ and fused_adagrad_bucket_, whose CPU
+// and CUDA kernels run the list ops' kernels on its lists).
 //
 // Note [Bound buckets]
 // An op call from Python converts every Python list it takes into C++ (about 160 ns a tensor),
 // so a step over 5,000 small tensors spends milliseconds converting five lists whose tensors
-// are the same every step. A CpuBucket is built once, when the optimizer's plan is built, from
+// are the same every step. A BoundBucket is built once, when the optimizer's plan is built, from
 // the lists that do not change between steps (params, state, step counters, group sizes); the
 // *_bucket_ ops then take it plus the step's gradients and per-group hyperparameters, and run
 // the list ops' kernels on the stored lists: same checks, same math, same results.
@@ -18,25 +19,25 @@
 // The object holds references to the tensors, not their data pointers: pointers are read at
 // each call, so a tensor whose storage is swapped (``p.data = ...``) is still updated where its
 // data lives. A bucket whose tensor *objects* change (load_state_dict, a new plan) needs a new
-// CpuBucket; the Python side builds one per plan.
+// BoundBucket; the Python side builds one per plan.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <torch/custom_class.h>
+#include <ATen/core/ivalue.h>
 
 #include <cstdint>
 #include <utility>
 #include <vector>
 
-namespace recap_kernels::cpu {
+namespace recap_kernels {
 
-struct CpuBucket : torch::CustomClassHolder {
+struct BoundBucket : torch::CustomClassHolder {
   // ``states``: the optimizer's per-parameter state lists in the order its op takes them
   // (Adam: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, the last empty unless amsgrad; Adagrad:
   // state_sums). The kernels check lengths, dtypes and sizes at every call, as the list ops do.
-  CpuBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
-            std::vector<at::Tensor> state_steps, std::vector<int64_t> group_sizes)
+  BoundBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
+              std::vector<at::Tensor> state_steps, std::vector<int64_t> group_sizes)
       : params(std::move(params)),
         states(std::move(states)),
         state_steps(std::move(state_steps)),
@@ -44,7 +45,7 @@ struct CpuBucket : torch::CustomClassHolder {
 
   // The state lists for an op that takes ``expected`` of them.
   const std::vector<std::vector<at::Tensor>>& states_for(const char* op, size_t expected) const {
-    TORCH_CHECK(states.size() == expected, op, " takes a CpuBucket with ", expected, " state lists, got ",
+    TORCH_CHECK(states.size() == expected, op, " takes a BoundBucket with ", expected, " state lists, got ",
                 states.size());
     return states;
   }
@@ -57,19 +58,11 @@ struct CpuBucket : torch::CustomClassHolder {
   std::vector<int64_t> group_sizes;
 };
 
-// Registers torch.classes.recap_kernels.CpuBucket, once. Called by every static registration
+// Registers torch.classes.recap_kernels.BoundBucket, once. Called by every static registration
 // that needs the class (ops.cpp's schemas, the kernels' TORCH_LIBRARY_IMPL, whose signatures name
 // it): static initializers of different files run in an unspecified order, so whichever runs
-// first registers it.
-inline void register_cpu_bucket_class() {
-  static const bool registered = [] {
-    torch::class_<CpuBucket>("recap_kernels", "CpuBucket")
-        .def(torch::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
-                         std::vector<int64_t>>())
-        .def("__len__", &CpuBucket::size);
-    return true;
-  }();
-  (void)registered;
-}
+// first registers it. Defined in ops.cpp: nvcc mistakes the class_ registration, compiled inline
+// into a .cu file, for device code.
+void register_bound_bucket_class();
 
-}  // namespace recap_kernels::cpu
+}  // namespace recap_kernels

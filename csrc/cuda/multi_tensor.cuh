@@ -1,0 +1,195 @@
+// The multi-tensor apply of the CUDA kernels: how one launch finds its tensor, the per-tensor
+// table in device memory and its cache, vectorized loads and stores, and the launch helpers.
+//
+// Note [Multi-tensor launch]
+// One launch updates a whole bucket. Every tensor is cut into chunks of kChunk elements and each
+// block of the grid updates one chunk. The per-tensor metadata (addresses of every slot, element
+// count, group, step counter) is a TensorEntry table in device memory, with block_begin[t], the
+// first block of tensor t, after it; a block finds its tensor by binary search in block_begin.
+// So a launch takes any number of tensors: torch's and apex's multi-tensor apply pass the
+// metadata as a 4 KB kernel argument and relaunch every few dozen tensors.
+//
+// The per-group hyperparameters (lr, betas, ...) change between steps (LR schedules), so they
+// travel as a kernel argument of up to kMaxLaunchGroups groups (a larger bucket is cut into one
+// launch per kMaxLaunchGroups groups). The table changes only when an address does, and is
+// cached (TableCache): a step whose addresses are those of an earlier step uploads nothing.
+//
+// Indexing: 64-bit for a tensor's chunk offset (tensors of more than 2^31 elements work), 32-bit
+// inside a chunk.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "recap_kernels/convert.h"
+
+namespace recap_kernels::cuda {
+
+constexpr int kBlockSize = 512;        // threads per block
+constexpr int64_t kChunk = 65536;      // elements per block (a multiple of every vector width)
+constexpr int kMaxSlots = 5;           // param, grad and up to three state tensors
+constexpr int kMaxLaunchGroups = 32;   // param groups per launch (kernel-argument hyperparameters)
+constexpr int kVectorBytes = 16;       // one 128-bit load or store per thread and tensor
+
+// One tensor of a launch. 64 bytes, so a block's entry is one or two cache lines.
+struct alignas(16) TensorEntry {
+  void* slots[kMaxSlots];  // param, grad, state... (unused slots are null)
+  float* step;             // the 0-d float32 step counter
+  int64_t numel;
+  int32_t group;           // the group's index within this launch
+  int32_t vectorizable;    // every slot is 16-byte aligned: the block may use 128-bit accesses
+};
+static_assert(sizeof(TensorEntry) == 64, "TensorEntry is one 64-byte record");
+
+// The table of one launch as the kernels see it.
+struct LaunchTable {
+  const TensorEntry* entries;
+  const int64_t* block_begin;  // num_tensors + 1 entries; block_begin[num_tensors] is the grid size
+  int32_t num_tensors;
+};
+
+// A group's learning rate as a kernel reads it: the float, or a Tensor lr's device address.
+struct LearningRate {
+  double value;
+  const void* tensor;  // null: use value
+  int32_t is_double;   // the tensor's dtype: float64 (1) or float32 (0)
+
+  __device__ __forceinline__ double get() const {
+    if (tensor == nullptr) {
+      return value;
+    }
+    return is_double ? *static_cast<const double*>(tensor) : double(*static_cast<const float*>(tensor));
+  }
+};
+
+// GradScaler's tensors, read on the device (no host sync).
+struct AmpArgs {
+  const float* grad_scale;  // null: no unscaling
+  const float* found_inf;   // null: never skip
+
+  __device__ __forceinline__ bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Device side
+// ------------------------------------------------------------------------------------------------
+
+// The tensor whose blocks include ``block``: the last t with block_begin[t] <= block. Empty tensors
+// own no block (block_begin[t] == block_begin[t + 1]) and are never found.
+__device__ __forceinline__ int32_t tensor_of_block(const LaunchTable& table, int64_t block) {
+  int32_t lo = 0;
+  int32_t hi = table.num_tensors - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) >> 1;
+    if (table.block_begin[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Where this block works: its tensor's entry, the chunk's offset in the tensor, its length.
+struct BlockWork {
+  TensorEntry entry;
+  int64_t offset;  // first element of the chunk
+  int32_t size;    // elements in the chunk (<= kChunk)
+};
+
+__device__ __forceinline__ BlockWork block_work(const LaunchTable& table) {
+  const int64_t block = blockIdx.x;
+  const int32_t t = tensor_of_block(table, block);
+  BlockWork work;
+  work.entry = table.entries[t];
+  work.offset = (block - table.block_begin[t]) * kChunk;
+  const int64_t left = work.entry.numel - work.offset;
+  work.size = static_cast<int32_t>(left < kChunk ? left : kChunk);
+  return work;
+}
+
+// kVectorBytes of raw elements, loaded or stored with one instruction.
+template <typename R>
+struct alignas(kVectorBytes) Vector {
+  static constexpr int kSize = kVectorBytes / sizeof(R);
+  R v[kSize];
+};
+
+template <typename R>
+__device__ __forceinline__ Vector<R> load_vector(const R* p) {
+  return *reinterpret_cast<const Vector<R>*>(p);
+}
+
+template <typename R>
+__device__ __forceinline__ void store_vector(R* p, const Vector<R>& x) {
+  *reinterpret_cast<Vector<R>*>(p) = x;
+}
+
+// Every step counter of the launch advances by one, unless found_inf skips the step. Runs before
+// the update kernel on the same stream, which then reads the step being taken, as torch does.
+__global__ void advance_steps_kernel(LaunchTable table, AmpArgs amp);
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+
+// The tables of one op call, in host memory: one segment per launch, laid end to end.
+struct HostTables {
+  std::vector<int64_t> words;  // TensorEntry records and block_begin arrays, 8-byte words
+  struct Segment {
+    size_t entries_word;      // offset of the segment's TensorEntry[] in words
+    size_t block_begin_word;  // offset of its block_begin[]
+    int32_t num_tensors;
+    int32_t first_group;      // the launch's groups: [first_group, first_group + num_groups)
+    int32_t num_groups;
+    int64_t num_blocks;
+  };
+  std::vector<Segment> segments;
+};
+
+// The tensors of one call, checked (common/arguments.h) and reduced to what the tables hold.
+struct Gathered {
+  std::vector<std::vector<void*>> slots;  // slots[s][i]: list s (params, grads, states...), tensor i
+  std::vector<float*> steps;
+  std::vector<int64_t> numels;
+};
+
+// ``lists`` are the call's tensor lists in slot order, params first; every list has one tensor per
+// parameter (already checked). Checks devices, dtypes, sizes and layouts.
+Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps);
+
+// Each group's learning rate: the float, a CPU Tensor lr's value (a host read, no device sync), or
+// a CUDA Tensor lr read by the kernel. A Tensor lr of another dtype than float32/float64 is
+// converted on the device into ``keep_alive``, which must outlive the launches.
+std::vector<LearningRate> learning_rates(at::ArrayRef<double> lrs,
+                                         const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                                         const at::Device& device, std::vector<at::Tensor>& keep_alive);
+
+// Builds the tables: ``slots[s][i]`` is the address of slot s of tensor i, ``groups[i]`` its
+// group. Tensors are cut into launches of at most kMaxLaunchGroups groups each.
+HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std::vector<float*>& steps,
+                        const std::vector<int64_t>& numels, const std::vector<int32_t>& groups,
+                        int32_t num_groups);
+
+// The device copy of ``tables`` (cached: see Note [Multi-tensor launch]); valid on ``stream``
+// until the tables of a later call with other addresses evict it.
+const int64_t* device_tables(const HostTables& tables, const at::Device& device, c10::cuda::CUDAStream stream);
+
+inline LaunchTable launch_table(const int64_t* device_words, const HostTables::Segment& segment) {
+  return LaunchTable{reinterpret_cast<const TensorEntry*>(device_words + segment.entries_word),
+                     device_words + segment.block_begin_word, segment.num_tensors};
+}
+
+// Launches advance_steps_kernel for one launch's tensors.
+void advance_steps(const LaunchTable& table, int32_t num_tensors, const AmpArgs& amp, cudaStream_t stream);
+
+// A clear error when this GPU has no code in the extension (its arch was not compiled).
+void check_device_supported(const at::Device& device);
+
+}  // namespace recap_kernels::cuda

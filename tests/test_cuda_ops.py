@@ -1,0 +1,397 @@
+"""The CUDA kernels (csrc/cuda/) and the ``cuda`` backend.
+
+On a machine without a GPU (CI) the extension is still compiled with its CUDA kernels when torch is
+a CUDA build and nvcc is there: these tests then check what can be checked without running a kernel
+(the ops have CUDA kernels under the same schemas, the kernels' argument checks, the backend's
+availability and arch logic). The ``gpu`` tests run the kernels: the shared equivalence harness
+(full matrix, in test_equivalence.py), a 300-tensor bucket, more param groups than one launch
+takes, misaligned views, a tensor of more than 2^31 elements, CUDA-graph capture, GradScaler with
+an overflow step, and agreement with the Triton backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recap_kernels import _ext, _ops, _torch_numerics, available_backends, optim
+from recap_kernels.backends import BackendUnavailableError, cuda_kernels
+from tests.reference import (
+    OPTION_MATRIX,
+    assert_optimizer_close,
+    check_equivalence,
+    make_grads,
+    make_params,
+    tolerances,
+    train,
+)
+
+BUILT_WITH_CUDA = bool(_ext.build_info().get("cuda_extension")) and _ops.LOADED
+needs_cuda_build = pytest.mark.skipif(not BUILT_WITH_CUDA, reason="recap_kernels._C was built without CUDA kernels")
+OPS = ("fused_adam_", "fused_adagrad_", "fused_adam_bucket_", "fused_adagrad_bucket_")
+OPTIONS = {o.id: o for o in OPTION_MATRIX}
+
+
+# ------------------------------------------------------------------------------------------------
+# Without a GPU: the build, the schemas, the argument checks, the backend's verdicts
+# ------------------------------------------------------------------------------------------------
+@needs_cuda_build
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_cpu_and_cuda_kernels_under_one_schema(op):
+    qualified = f"recap_kernels::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA")
+    assert cuda_kernels.has_cuda_kernel(op)
+    assert len(getattr(torch.ops.recap_kernels, op).overloads()) == 1
+
+
+@needs_cuda_build
+def test_build_records_archs_and_the_torch_cuda_order_it_compiled():
+    info = _ext.build_info()
+    assert info["cuda_archs"], "setup.py records TORCH_CUDA_ARCH_LIST"
+    assert "--fmad=false" in info["nvcc_flags"]
+    assert info["cuda_adam_order"] == ("opmath" if _torch_numerics.torch_cuda_adam_opmath() else "double")
+
+
+def _adam_args(n=3, dtype=torch.float32):
+    params = [torch.randn(5 + i, dtype=dtype) for i in range(n)]
+    return dict(
+        params=params,
+        grads=[torch.randn_like(p) for p in params],
+        exp_avgs=[torch.rand_like(p) for p in params],
+        exp_avg_sqs=[torch.rand_like(p) for p in params],
+        max_exp_avg_sqs=[],
+        state_steps=[torch.tensor(1.0) for _ in params],
+        group_sizes=[n],
+        lrs=[1e-3],
+        lr_tensors=[None],
+        beta1s=[0.9],
+        beta2s=[0.999],
+        epss=[1e-8],
+        weight_decays=[0.0],
+    )
+
+
+def _adagrad_args(n=3):
+    params = [torch.randn(5 + i) for i in range(n)]
+    return dict(
+        params=params,
+        grads=[torch.randn_like(p) for p in params],
+        state_sums=[torch.rand_like(p) for p in params],
+        state_steps=[torch.tensor(1.0) for _ in params],
+        group_sizes=[n],
+        lrs=[1e-2],
+        lr_tensors=[None],
+        lr_decays=[0.0],
+        epss=[1e-10],
+        weight_decays=[0.0],
+    )
+
+
+def _call_cuda_kernel(op: str, args: dict, **flags):
+    """Calls the op's CUDA kernel directly, whatever the tensors' device (what a caller reaching it
+    with the wrong tensors would get)."""
+    overload = getattr(torch.ops.recap_kernels, op).default
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return overload.redispatch(keyset, *args.values(), **flags)
+
+
+def _snapshot(args: dict) -> list[torch.Tensor]:
+    return [t.clone() for v in args.values() if isinstance(v, list) for t in v if isinstance(t, torch.Tensor)]
+
+
+def _assert_unchanged(args: dict, before: list[torch.Tensor]) -> None:
+    after = [t for v in args.values() if isinstance(v, list) for t in v if isinstance(t, torch.Tensor)]
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b), "a call that raised changed a tensor"
+
+
+ADAM_FLAGS = {"amsgrad": False, "decoupled": False, "maximize": False}
+
+
+@needs_cuda_build
+@pytest.mark.parametrize(
+    "op,make,flags,mutate,message",
+    [
+        ("fused_adam_", _adam_args, ADAM_FLAGS, None, r"params\[0\] must be a CUDA tensor, got one on cpu"),
+        ("fused_adagrad_", _adagrad_args, {"maximize": False}, None,
+         r"params\[0\] must be a CUDA tensor, got one on cpu"),
+        ("fused_adam_", _adam_args, ADAM_FLAGS, lambda a: a["grads"].pop(),
+         r"grads must have one tensor per parameter \(3\), got 2"),
+        ("fused_adam_", _adam_args, {**ADAM_FLAGS, "amsgrad": True}, None,
+         r"max_exp_avg_sqs must have one tensor per parameter \(3\), got 0"),
+        ("fused_adam_", _adam_args, ADAM_FLAGS, lambda a: a["beta1s"].append(0.8),
+         r"beta1s must have one entry per group \(1\), got 2"),
+        ("fused_adagrad_", _adagrad_args, {"maximize": False}, lambda a: a.update(group_sizes=[1, 1]),
+         r"lrs must have one entry per group \(2\), got 1"),
+    ],
+    ids=["adam-cpu-tensors", "adagrad-cpu-tensors", "short-list", "amsgrad-without-max", "group-list",
+         "group-sizes"],
+)
+def test_cuda_kernels_reject_bad_calls_before_touching_anything(op, make, flags, mutate, message):
+    args = make()
+    if mutate is not None:
+        mutate(args)
+    before = _snapshot(args)
+    with pytest.raises(RuntimeError, match=message):
+        _call_cuda_kernel(op, args, **flags)
+    _assert_unchanged(args, before)
+
+
+@needs_cuda_build
+def test_cuda_bucket_kernel_rejects_cpu_tensors():
+    args = _adam_args()
+    bucket = _ops.bound_bucket(args["params"], [args["exp_avgs"], args["exp_avg_sqs"], []], args["state_steps"],
+                               args["group_sizes"])
+    overload = torch.ops.recap_kernels.fused_adam_bucket_.default
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    before = _snapshot(args)
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be a CUDA tensor"):
+        overload.redispatch(keyset, bucket, args["grads"], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0],
+                            **ADAM_FLAGS)
+    _assert_unchanged(args, before)
+
+
+def test_cuda_backend_says_why_it_cannot_run_here():
+    ok, reason = available_backends("cuda")["cuda"]
+    if not torch.cuda.is_available():
+        assert not ok
+        assert reason in ("no CUDA device is available", cuda_kernels._EXTENSION.reason)
+    ok, reason = cuda_kernels.available(torch.device("cpu"))
+    assert not ok and "CUDA tensors, not cpu" in reason
+
+
+def test_explicit_cuda_backend_on_cpu_tensors_raises_and_changes_nothing():
+    p = torch.randn(7, requires_grad=True)
+    p.grad = torch.randn(7)
+    before = p.detach().clone()
+    opt = optim.Adam([p], backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert opt.state[p] == {} or opt.state[p]["step"].item() == 0
+
+
+@pytest.mark.parametrize(
+    "capability,archs,expected",
+    [
+        ((9, 0), ["8.0", "9.0+PTX"], True),  # H100/H200: sm_90 machine code
+        ((8, 0), ["8.0", "9.0+PTX"], True),  # A100
+        ((8, 9), ["8.0", "9.0+PTX"], True),  # L4: sm_80 code runs on 8.x
+        ((7, 5), ["8.0", "9.0+PTX"], False),  # T4: older than everything built
+        ((10, 0), ["8.0", "9.0+PTX"], True),  # Blackwell: the driver compiles the sm_90 PTX
+        ((10, 0), ["8.0", "9.0"], False),  # no PTX, no code for 10.0
+        ((9, 0), ["8.0"], False),  # sm_80 code does not run on 9.0
+    ],
+)
+def test_arch_support_follows_cuda_compatibility_rules(capability, archs, expected):
+    assert cuda_kernels.arch_supported(capability, archs) is expected
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU
+# ------------------------------------------------------------------------------------------------
+CUDA_OK = torch.cuda.is_available() and available_backends("cuda")["cuda"].ok
+needs_cuda_backend = pytest.mark.skipif(not CUDA_OK, reason=f"cuda backend: {available_backends('cuda')['cuda']}")
+
+# A recap tower bucket: 300 tensors of odd sizes (biases, small matrices, a few wide layers).
+TOWER_SHAPES = tuple((1 + (i * 37) % 517, 1 + (i * 11) % 63) if i % 3 else (1 + (i * 131) % 4099,)
+                     for i in range(300))
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", ["adam-amsgrad-wd", "adamw-wd", "adam-lr-tensor", "adagrad-wd-maximize"])
+def test_300_tensor_bucket_matches_torch(options, dtype):
+    opt = check_equivalence("cuda", OPTIONS[options], dtype, device="cuda", shapes=TOWER_SHAPES, steps=10)
+    assert opt.backends_used() == {"cuda"}
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("family", ["Adam", "Adagrad"])
+def test_more_groups_than_one_launch_takes(family):
+    """40 groups, each with its own lr: two launches (kMaxLaunchGroups = 32), same numbers as torch."""
+    init = make_params([(3 + 17 * i,) for i in range(80)], torch.float32, "cuda")
+    grads = make_grads(init, 6)
+
+    def build(cls, params, **kw):
+        return cls([{"params": params[2 * g:2 * g + 2], "lr": 1e-3 * (1 + g)} for g in range(40)], **kw)
+
+    ref_params = [p.clone().requires_grad_() for p in init]
+    ref = build(getattr(torch.optim, family), ref_params)
+    train(ref, ref_params, grads)
+    params = [p.clone().requires_grad_() for p in init]
+    opt = build(getattr(optim, family), params, backend="cuda")
+    train(opt, params, grads)
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_misaligned_views_take_the_scalar_path_with_the_same_numbers(dtype):
+    """Parameters that are contiguous views at odd offsets of a larger buffer (no 16-byte alignment)."""
+    sizes = (1, 3, 4097, 65_537 + 5, 130)
+    flat = torch.randn(sum(sizes) + 3 * len(sizes) + 8, dtype=torch.float64).to(dtype).cuda()
+
+    def views(buffer):
+        out, offset = [], 1
+        for n in sizes:
+            out.append(buffer[offset:offset + n])
+            offset += n + 3
+        return out
+
+    grads = make_grads([torch.empty(n, dtype=dtype, device="cuda") for n in sizes], 8)
+    ref_params = [v.clone().requires_grad_() for v in views(flat)]
+    ref = torch.optim.Adam(ref_params, weight_decay=0.1, **({"fused": True} if dtype == torch.bfloat16 else {}))
+    train(ref, ref_params, grads)
+    params = [v.requires_grad_() for v in views(flat.clone())]
+    assert all(p.data_ptr() % 16 != 0 for p in params)
+    opt = optim.Adam(params, weight_decay=0.1, backend="cuda")
+    train(opt, params, grads)
+    assert_optimizer_close(ref, ref_params, opt, params, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_a_tensor_of_more_than_2_31_elements():
+    """64-bit tensor offsets: the elements past 2^31 are updated, and exactly as torch updates them."""
+    n = 2**31 + 4099
+    p = torch.randn(n, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    p.grad = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    head, tail = slice(0, 4099), slice(n - 70_000, n)  # the tail spans the 2^31 boundary of chunk offsets
+    ref_params = [p.detach()[head].clone().requires_grad_(), p.detach()[tail].clone().requires_grad_()]
+    for r, s in zip(ref_params, (head, tail)):
+        r.grad = p.grad[s].clone()
+    ref = torch.optim.Adam(ref_params, fused=True)
+    opt = optim.Adam([p], backend="cuda")
+    for _ in range(2):
+        ref.step()
+        opt.step()
+    for r, s in zip(ref_params, (head, tail)):
+        torch.testing.assert_close(p.detach()[s], r.detach(), **tolerances(torch.bfloat16))
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"][s], ref.state[r]["exp_avg_sq"],
+                                   **tolerances(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("family,kwargs", [("Adam", {"amsgrad": True, "weight_decay": 0.1}),
+                                           ("AdamW", {"weight_decay": 0.1}),
+                                           ("Adagrad", {"lr_decay": 0.01})])
+def test_cuda_graph_capture_replays_like_eager_steps(family, kwargs):
+    init = make_params([(1000,), (4097,), (3,), (65_537,)], torch.float32, "cuda")
+    eager_params = [p.clone().requires_grad_() for p in init]
+    graph_params = [p.clone().requires_grad_() for p in init]
+    lr = torch.tensor(1e-3, device="cuda")
+    cls = getattr(optim, family)
+    extra = {} if family == "Adagrad" else {"capturable": True}
+    eager = cls(eager_params, lr=lr.clone(), backend="cuda", **extra, **kwargs)
+    captured = cls(graph_params, lr=lr, backend="cuda", **extra, **kwargs)
+    grads = make_grads(init, 8)
+    static_grads = [torch.zeros_like(p) for p in graph_params]
+    for p, g in zip(graph_params, static_grads):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: state created, tables uploaded
+        for g, s in zip(grads[0], static_grads):
+            s.copy_(g if g is not None else torch.zeros_like(s))
+        captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+    # The eager twin sees the same gradients (zeros where the harness gives none: the graph's
+    # static gradients always exist).
+    dense = [[g if g is not None else torch.zeros_like(p) for g, p in zip(step, init)] for step in grads]
+    train(eager, eager_params, dense[:1])
+    for step_grads in dense[1:]:
+        for g, s in zip(step_grads, static_grads):
+            s.copy_(g)
+        graph.replay()
+        lr.mul_(0.9)  # a Tensor lr changed in place reaches the captured kernel
+        train(eager, eager_params, [step_grads])
+        for group in eager.param_groups:
+            group["lr"].mul_(0.9)
+    torch.cuda.synchronize()
+    assert_optimizer_close(eager, eager_params, captured, graph_params, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("family,kwargs", [("Adam", {"fused": True}), ("AdamW", {"fused": True, "amsgrad": True}),
+                                           ("Adagrad", {"fused": True}), ("Adam", {})])
+def test_grad_scaler_with_an_overflow_step_matches_torch(family, kwargs):
+    init = make_params([(17,), (4, 5), (4097,)], torch.float32, "cuda")
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in init] for _ in range(6)]
+    grads[3][1][2, 2] = float("inf")
+
+    def run(cls, params, **kw):
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=2)
+        opt = cls(params, lr=0.01, **kw)
+        for grad in grads:
+            opt.zero_grad()
+            loss = sum((p * g).sum() for p, g in zip(params, grad))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return opt, scaler
+
+    # torch's Adagrad has no fused CUDA path: its reference is the default (foreach) one.
+    ref_kwargs = {} if family == "Adagrad" else kwargs
+    ref_params = [p.clone().requires_grad_() for p in init]
+    ref, ref_scaler = run(getattr(torch.optim, family), ref_params, **ref_kwargs)
+    params = [p.clone().requires_grad_() for p in init]
+    opt, scaler = run(getattr(optim, family), params, backend="cuda", **kwargs)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+    assert opt.state[params[0]]["step"].item() == 5
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.skipif(not available_backends("cuda")["triton"].ok if torch.cuda.is_available() else True,
+                    reason="needs the triton backend on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", ["adam-amsgrad-wd", "adamw-amsgrad-maximize", "adagrad-lr-decay"])
+def test_cuda_and_triton_backends_agree(options, dtype):
+    init = make_params(TOWER_SHAPES[:40], dtype, "cuda")
+    grads = make_grads(init, 10)
+    runs = []
+    for backend in ("cuda", "triton"):
+        opt_options = OPTIONS[options]
+        cls = {"adam": optim.Adam, "adamw": optim.AdamW, "adagrad": optim.Adagrad}[opt_options.optimizer]
+        params = [p.clone().requires_grad_() for p in init]
+        opt = cls(params, backend=backend, **opt_options.make_kwargs(dtype))
+        train(opt, params, grads)
+        runs.append((opt, params))
+    (cuda_opt, cuda_params), (triton_opt, triton_params) = runs
+    assert_optimizer_close(triton_opt, triton_params, cuda_opt, cuda_params, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_sanitizer_case_odd_sizes_and_misaligned_views():
+    """The case bench/gpu_check.sh runs under compute-sanitizer (memcheck): every path of the kernels
+    (vector body, tails, misaligned slots, amsgrad, AMP, empty tensors) on small tensors."""
+    flat = torch.randn(20_000, device="cuda")
+    params = [flat[1:4098], flat[4100:4103], flat[4104:4104], torch.randn(65_537 + 3, device="cuda"),
+              torch.randn(1, device="cuda")]
+    params = [p.clone() if i == 3 else p for i, p in enumerate(params)]
+    params = [p.detach().requires_grad_() for p in params]
+    for family, kw in (("Adam", {"amsgrad": True, "weight_decay": 0.1}), ("AdamW", {}), ("Adagrad", {})):
+        opt = getattr(optim, family)(params, backend="cuda", **kw)
+        for k in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if k == 1:  # what GradScaler.step hands an optimizer with _step_supports_amp_scaling
+                opt.grad_scale, opt.found_inf = torch.tensor(4.0, device="cuda"), torch.tensor(0.0, device="cuda")
+            opt.step()
+            if k == 1:
+                del opt.grad_scale, opt.found_inf
+        torch.cuda.synchronize()
+        assert all(torch.isfinite(p).all() for p in params)
