@@ -3,16 +3,70 @@
 Every function takes and returns values already in the math dtype (fp32 for fp32/bf16/fp16
 storage, fp64 for fp64), so the kernels round exactly once, at the store. The scalar arguments
 (learning rate, bias corrections, ...) are computed once per tensor by the kernel, not per element.
+
+Note [Operation orders]
+bf16/fp16 results are compared with torch's fused kernels to one unit in the last place after
+many steps, which holds only when the fp32 arithmetic follows theirs operation for operation. The
+fused kernel differs per device and, on CUDA, per torch version, so the Adam kernel takes the order
+as a constexpr (``ORDER``, picked by ``multi_tensor.torch_cuda_order``):
+
+* ``CPU_ORDER``: torch's FusedAdamKernel.cpp. float math with the double hyperparameters rounded
+  to float once; ``exp_avg.lerp_`` as a fused multiply-add.
+* ``CUDA_DOUBLE_ORDER``: torch's fused_adam_utils.cuh before torch 2.11. The hyperparameters stay
+  double, so every step mixing them with float values is computed in fp64 and rounded once.
+* ``CUDA_OPMATH_ORDER``: the same file since torch 2.11 (pytorch/pytorch#173224). Hyperparameters
+  rounded to the math dtype, bias corrections with ``powf``, the moments as
+  ``fma(beta, m, fma(-beta, g, g))``, and nvcc's contractions spelled out as FMAs. Division and
+  square root are IEEE (``div_rn``/``sqrt_rn``), as nvcc compiles them; Triton's ``/`` and
+  ``tl.sqrt`` on fp32 are approximations on the GPU.
 """
 
 import triton
 import triton.language as tl
+
+CPU_ORDER = tl.constexpr(0)
+CUDA_DOUBLE_ORDER = tl.constexpr(1)
+CUDA_OPMATH_ORDER = tl.constexpr(2)
 
 
 @triton.jit
 def _pow_scalar(base, exponent):
     """``base ** exponent`` for a positive scalar base, in fp64 (torch computes it in double)."""
     return tl.exp(exponent.to(tl.float64) * tl.log(base.to(tl.float64)))
+
+
+@triton.jit
+def _fma(a, b, c):
+    """``a * b + c`` rounded once, in ``c``'s dtype (C's ``fma``).
+
+    fp64: ``tl.fma`` (fused on the GPU; the interpreter rounds twice). fp32: computed in fp64, where
+    the product of two fp32 values is exact, and rounded to fp32, which works the same in the
+    interpreter (it has no fused fp32 FMA). That is the GPU's ``fma.rn.f32`` except in the rare
+    case where the sum, rounded to fp64, lands exactly halfway between two fp32 values and the
+    second rounding then goes the other way (double rounding).
+    """
+    if c.dtype == tl.float64:
+        return tl.fma(a, b, c)
+    else:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _div_rn(a, b):
+    """IEEE (correctly rounded) ``a / b``; fp64 division always is."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt_rn(x):
+    """IEEE (correctly rounded) square root; fp64 ``tl.sqrt`` always is."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -28,59 +82,90 @@ def _load_lr(table_lr, lr_addr_ptr, group, num_groups):
 
 
 @triton.jit
-def _unscale(g, grad_scale, CUDA_ORDER: tl.constexpr):
-    """AMP: divide by the loss scale, in float (torch's CPU fused kernels) or double (CUDA)."""
-    if CUDA_ORDER:
+def _unscale(g, grad_scale, ORDER: tl.constexpr):
+    """AMP: divide by the loss scale, in the math dtype, or in double in CUDA double order."""
+    if ORDER == CUDA_DOUBLE_ORDER:
         return (g.to(tl.float64) / grad_scale.to(tl.float64)).to(g.dtype)
+    elif ORDER == CUDA_OPMATH_ORDER:
+        return _div_rn(g, grad_scale.to(g.dtype))
     else:
         return g / grad_scale.to(g.dtype)
 
 
 @triton.jit
-def _adam_scalars(lr, beta1, beta2, eps, weight_decay, step, MATH_DTYPE: tl.constexpr, CUDA_ORDER: tl.constexpr):
+def _adam_scalars(lr, beta1, beta2, eps, weight_decay, step, MATH_DTYPE: tl.constexpr, ORDER: tl.constexpr):
     """Per-tensor scalars of an Adam step (all inputs fp64; ``step`` already advanced).
 
     Returns ``(step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
-    weight_decay, decay)``. In CPU order they are rounded to the math dtype once, as torch's CPU
-    fused kernel does with its doubles; in CUDA order, the ones torch's CUDA kernel keeps in double
-    stay fp64 (``decay`` is then ``lr * weight_decay``; in CPU order ``1 - lr * weight_decay``).
+    weight_decay, decay)``, rounded as torch's fused kernel of the order (Note [Operation orders]):
+
+    * CPU order: computed in double and rounded to the math dtype once; ``decay`` is
+      ``1 - lr * weight_decay``.
+    * CUDA double order: the hyperparameters stay fp64; ``decay`` is ``lr * weight_decay``.
+    * CUDA opmath order: the hyperparameters rounded to the math dtype first and everything computed
+      in it; ``decay`` is ``lr * weight_decay``; the ``one_minus_beta`` are unused.
     """
-    bias_correction1 = 1.0 - _pow_scalar(beta1, step)
-    bias_correction2 = 1.0 - _pow_scalar(beta2, step)
-    if CUDA_ORDER:
-        bias_correction1 = bias_correction1.to(MATH_DTYPE)  # torch's CUDA kernel holds these in opmath
-        step_size = (lr / bias_correction1.to(tl.float64)).to(MATH_DTYPE)
-        bias_correction2_sqrt = tl.sqrt(bias_correction2.to(MATH_DTYPE))
-        return (step_size, bias_correction2_sqrt, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-                lr * weight_decay)
+    if ORDER == CUDA_OPMATH_ORDER:
+        lr = lr.to(MATH_DTYPE)  # torch reads a Tensor lr as float, then casts it: the same number
+        beta1 = beta1.to(MATH_DTYPE)
+        beta2 = beta2.to(MATH_DTYPE)
+        exponent = step.to(MATH_DTYPE)
+        # powf in fp32: here pow is computed in fp64 and rounded. Neither is always correctly
+        # rounded, so the two can differ by an ulp, rarely.
+        bias_correction1 = 1.0 - _pow_scalar(beta1, exponent).to(MATH_DTYPE)
+        bias_correction2 = 1.0 - _pow_scalar(beta2, exponent).to(MATH_DTYPE)
+        weight_decay = weight_decay.to(MATH_DTYPE)
+        scalars = (_div_rn(lr, bias_correction1), _sqrt_rn(bias_correction2), beta1, beta2, 1.0 - beta1, 1.0 - beta2,
+                   eps.to(MATH_DTYPE), weight_decay, lr * weight_decay)
+    elif ORDER == CUDA_DOUBLE_ORDER:
+        # Computed in double; torch's CUDA kernel holds them in opmath.
+        bias_correction1 = (1.0 - _pow_scalar(beta1, step)).to(MATH_DTYPE)
+        bias_correction2 = (1.0 - _pow_scalar(beta2, step)).to(MATH_DTYPE)
+        scalars = ((lr / bias_correction1.to(tl.float64)).to(MATH_DTYPE), tl.sqrt(bias_correction2), beta1, beta2,
+                   1.0 - beta1, 1.0 - beta2, eps, weight_decay, lr * weight_decay)
     else:
-        return ((lr / bias_correction1).to(MATH_DTYPE), tl.sqrt(bias_correction2).to(MATH_DTYPE),
-                beta1.to(MATH_DTYPE), beta2.to(MATH_DTYPE), (1.0 - beta1).to(MATH_DTYPE), (1.0 - beta2).to(MATH_DTYPE),
-                eps.to(MATH_DTYPE), weight_decay.to(MATH_DTYPE), (1.0 - lr * weight_decay).to(MATH_DTYPE))
+        bias_correction1 = 1.0 - _pow_scalar(beta1, step)
+        bias_correction2 = 1.0 - _pow_scalar(beta2, step)
+        scalars = ((lr / bias_correction1).to(MATH_DTYPE), tl.sqrt(bias_correction2).to(MATH_DTYPE),
+                   beta1.to(MATH_DTYPE), beta2.to(MATH_DTYPE), (1.0 - beta1).to(MATH_DTYPE),
+                   (1.0 - beta2).to(MATH_DTYPE), eps.to(MATH_DTYPE), weight_decay.to(MATH_DTYPE),
+                   (1.0 - lr * weight_decay).to(MATH_DTYPE))
+    return scalars
 
 
 @triton.jit
 def _adam_math(
     p, g, m, v, v_max,
     step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay,
-    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, CUDA_ORDER: tl.constexpr,
+    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, ORDER: tl.constexpr,
 ):
     """One Adam/AdamW update on math-dtype values, with the scalars of :func:`_adam_scalars`.
 
-    Returns ``(p, m, v, v_max)``. bf16/fp16 results are compared with torch's fused kernels to one
-    unit in the last place after many steps, which holds only when the fp32 arithmetic follows
-    theirs operation for operation, so both orders are spelled out:
-
-    * CPU order (torch's FusedAdamKernel.cpp): float math; ``exp_avg.lerp_`` as a fused
-      multiply-add (computed in fp64, which rounds like an FMA here and in the interpreter);
-      AdamW scales the parameter by ``1 - lr * weight_decay``.
-    * CUDA order (torch's fused_adam_utils.cuh): the moment updates and weight decay mix float
-      values with double hyperparameters, so they are computed in fp64 and rounded once.
+    Returns ``(p, m, v, v_max)``, computed in the order ``ORDER`` (Note [Operation orders]).
     """
-    dtype = p.dtype
     if MAXIMIZE:
         g = -g
-    if CUDA_ORDER:
+    if ORDER == CUDA_OPMATH_ORDER:
+        p, m, v, v_max = _adam_math_cuda_opmath(p, g, m, v, v_max, step_size, bias_correction2_sqrt, beta1, beta2,
+                                                eps, weight_decay, decay, AMSGRAD, DECOUPLED)
+    else:
+        p, m, v, v_max = _adam_math_cpu_or_cuda_double(
+            p, g, m, v, v_max,
+            step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+            decay, AMSGRAD, DECOUPLED, ORDER,
+        )
+    return p, m, v, v_max
+
+
+@triton.jit
+def _adam_math_cpu_or_cuda_double(
+    p, g, m, v, v_max,
+    step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay,
+    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, ORDER: tl.constexpr,
+):
+    """:func:`_adam_math` in CPU order, or in CUDA double order (fp64 wherever torch mixes in a double)."""
+    dtype = p.dtype
+    if ORDER == CUDA_DOUBLE_ORDER:
         if weight_decay != 0:  # skipped, not multiplied by zero: inf/nan parameters behave as in torch
             if DECOUPLED:
                 p = (p.to(tl.float64) - decay * p.to(tl.float64)).to(dtype)
@@ -94,6 +179,7 @@ def _adam_math(
                 p = p * decay
             else:
                 g = g + weight_decay * p
+        # exp_avg.lerp_(g, 1 - beta1) as a fused multiply-add: in fp64, rounded once (see _fma)
         m = (one_minus_beta1.to(tl.float64) * (g - m).to(tl.float64) + m.to(tl.float64)).to(dtype)
         v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
@@ -101,7 +187,7 @@ def _adam_math(
         denom = tl.sqrt(v_max) / bias_correction2_sqrt
     else:
         denom = tl.sqrt(v) / bias_correction2_sqrt
-    if CUDA_ORDER:
+    if ORDER == CUDA_DOUBLE_ORDER:
         denom = (denom.to(tl.float64) + eps).to(dtype)
     else:
         denom = denom + eps
@@ -110,27 +196,42 @@ def _adam_math(
 
 
 @triton.jit
-def _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE: tl.constexpr, CUDA_ORDER: tl.constexpr):
+def _adam_math_cuda_opmath(p, g, m, v, v_max, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+                           decay, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr):
+    """:func:`_adam_math` in CUDA opmath order: torch's ``adam_math`` line for line, all in the math dtype."""
+    if weight_decay != 0:  # skipped, not multiplied by zero: inf/nan parameters behave as in torch
+        if DECOUPLED:
+            p = _fma(-decay, p, p)  # param -= lr * weight_decay * param, contracted by nvcc
+        else:
+            g = _fma(p, weight_decay, g)  # grad += param * weight_decay, contracted by nvcc
+    m = _fma(beta1, m, _fma(-beta1, g, g))
+    g2 = g * g
+    v = _fma(beta2, v, _fma(-beta2, g2, g2))
+    if AMSGRAD:
+        v_max = tl.where(v_max < v, v, v_max)  # std::max(v_max, v): keeps v_max when either is NaN
+        second_moment = v_max
+    else:
+        second_moment = v
+    denom = _div_rn(_sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    p = p - _div_rn(step_size * m, denom)
+    return p, m, v, v_max
+
+
+@triton.jit
+def _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE: tl.constexpr):
     """One Adagrad update with ``clr = lr / (1 + (step - 1) * lr_decay)``. Returns ``(p, acc)``.
 
-    ``clr``, ``eps`` and ``weight_decay`` arrive in fp64 and are rounded as torch's fused kernel
-    of the device does (see :func:`_adam_math`): CPU order computes in float, CUDA order in double
-    wherever torch's CUDA kernel mixes in its double hyperparameters.
+    Always in torch's CPU fused order (float math, ``clr``, ``eps`` and ``weight_decay`` rounded to
+    float once), on every device: torch has no fused CUDA Adagrad, so its fused CPU kernel is the
+    low-precision reference everywhere (our CUDA C++ Adagrad follows it too).
     """
     dtype = p.dtype
     if MAXIMIZE:
         g = -g
-    if CUDA_ORDER:
-        if weight_decay != 0:
-            g = (g.to(tl.float64) + p.to(tl.float64) * weight_decay).to(dtype)
-        acc = acc + g * g
-        update = clr * g.to(tl.float64) / (tl.sqrt(acc).to(tl.float64) + eps)
-        p = (p.to(tl.float64) - update).to(dtype)
-    else:
-        if weight_decay != 0:
-            g = g + weight_decay.to(dtype) * p
-        acc = acc + g * g
-        p = p - clr.to(dtype) * (g / (tl.sqrt(acc) + eps.to(dtype)))
+    if weight_decay != 0:
+        g = g + weight_decay.to(dtype) * p
+    acc = acc + g * g
+    p = p - clr.to(dtype) * (g / (tl.sqrt(acc) + eps.to(dtype)))
     return p, acc
 
 

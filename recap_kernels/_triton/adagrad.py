@@ -2,6 +2,9 @@
 
 Pointer table slots (see ``multi_tensor``): 0 param, 1 grad, 2 sum, 3 step. Hyperparameter row
 per group: ``lr, lr_decay, eps, weight_decay``. Step counters and AMP as in ``adam``.
+
+The arithmetic is torch's fused CPU Adagrad's on every device: torch has no fused CUDA Adagrad, so
+that kernel is the low-precision reference on CUDA too (see ``_math._adagrad_math``).
 """
 
 from __future__ import annotations
@@ -9,8 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from recap_kernels._triton import multi_tensor
-from recap_kernels._triton._math import _adagrad_math, _load_lr, _to_storage, _unscale
+from recap_kernels._triton._math import CPU_ORDER, _adagrad_math, _load_lr, _to_storage, _unscale
 from recap_kernels._triton.adam import increment_steps
 from recap_kernels._triton.multi_tensor import TensorTable, _program_chunk, _slot_ptr
 
@@ -21,7 +23,7 @@ ROW = tl.constexpr(4)  # hyperparameters per group row: lr, lr_decay, eps, weigh
 def _adagrad_kernel(
     ptrs, numel_ptr, tensor_group_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, lr_addr_ptr,
     grad_scale_ptr, found_inf_ptr, num_tensors, num_groups,
-    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, CUDA_ORDER: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -51,9 +53,9 @@ def _adagrad_kernel(
         g = tl.load(g_ptr + offs, mask=mask).to(MATH_DTYPE)
         acc = tl.load(acc_ptr + offs, mask=mask).to(MATH_DTYPE)
         if HAS_GRAD_SCALE:
-            g = _unscale(g, grad_scale, CUDA_ORDER)
+            g = _unscale(g, grad_scale, CPU_ORDER)
             tl.store(g_ptr + offs, _to_storage(g, DTYPE), mask=mask)  # torch's fused path stores unscaled grads
-        p, acc = _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE, CUDA_ORDER)
+        p, acc = _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE)
         tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
         tl.store(acc_ptr + offs, _to_storage(acc, DTYPE), mask=mask)
 
@@ -65,8 +67,7 @@ def adagrad_launch(table: TensorTable, *, dtype, math_dtype, maximize: bool, gra
         _adagrad_kernel[(table.num_chunks,)](
             table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
             table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
-            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device),
-            MAXIMIZE=maximize,
+            DTYPE=dtype, MATH_DTYPE=math_dtype, MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
         )

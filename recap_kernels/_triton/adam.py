@@ -4,11 +4,11 @@ Pointer table slots (see ``multi_tensor``): 0 param, 1 grad, 2 exp_avg, 3 exp_av
 4 max_exp_avg_sq (amsgrad only), last the step. Hyperparameter row per group:
 ``lr, beta1, beta2, eps, weight_decay``.
 
-Each program reads its tensor's ``step`` from the device, computes the bias corrections in fp64
-(as torch does with Python floats) and updates one chunk; a second, tiny launch then advances
-every step counter, since programs of the same tensor must all read the old count. A step with
-``found_inf`` set changes nothing, counters included: the whole path needs no host sync and can
-be captured in a CUDA graph.
+Each program reads its tensor's ``step`` from the device, computes the bias corrections as torch's
+fused kernel of the device does (``ORDER``, see Note [Operation orders] in ``_math``) and updates
+one chunk; a second, tiny launch then advances every step counter, since programs of the same
+tensor must all read the old count. A step with ``found_inf`` set changes nothing, counters
+included: the whole path needs no host sync and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROW = tl.constexpr(5)  # hyperparameters per group row: lr, beta1, beta2, eps, w
 def _adam_kernel(
     ptrs, numel_ptr, tensor_group_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, lr_addr_ptr,
     grad_scale_ptr, found_inf_ptr, num_tensors, num_groups,
-    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, CUDA_ORDER: tl.constexpr,
+    DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, ORDER: tl.constexpr,
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -47,13 +47,13 @@ def _adam_kernel(
         v_max_ptr = v_ptr  # unused
         step_ptr = _slot_ptr(ptrs, 4, t, num_tensors, tl.float32)
 
-    # Per-tensor scalars, in fp64 like torch's Python floats, rounded as torch's fused kernels round them.
+    # Per-tensor scalars, from torch's double hyperparameters, rounded as torch's fused kernel of ORDER rounds them.
     row = hyper_ptr + group * ROW
     lr = _load_lr(tl.load(row), lr_addr_ptr, group, num_groups)
     step = tl.load(step_ptr).to(tl.float64) + 1.0
     step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay = (
         _adam_scalars(lr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), step,
-                      MATH_DTYPE, CUDA_ORDER)
+                      MATH_DTYPE, ORDER)
     )
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -70,12 +70,12 @@ def _adam_kernel(
         else:
             v_max = v
         if HAS_GRAD_SCALE:
-            g = _unscale(g, grad_scale, CUDA_ORDER)
+            g = _unscale(g, grad_scale, ORDER)
             tl.store(g_ptr + offs, _to_storage(g, DTYPE), mask=mask)  # torch's fused path stores unscaled grads
         p, m, v, v_max = _adam_math(
             p, g, m, v, v_max,
             step_size, bias_correction2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
-            decay, AMSGRAD, DECOUPLED, MAXIMIZE, CUDA_ORDER,
+            decay, AMSGRAD, DECOUPLED, MAXIMIZE, ORDER,
         )
         tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
         tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=mask)
@@ -113,7 +113,7 @@ def adam_launch(table: TensorTable, *, dtype, math_dtype, amsgrad: bool, decoupl
         _adam_kernel[(table.num_chunks,)](
             table.ptrs, table.numel, table.tensor_group, table.chunk_tensor, table.chunk_start,
             table.hyper, table.lr_addr, grad_scale, found_inf, table.num_tensors, table.num_groups,
-            DTYPE=dtype, MATH_DTYPE=math_dtype, CUDA_ORDER=multi_tensor.torch_cuda_order(table.device),
+            DTYPE=dtype, MATH_DTYPE=math_dtype, ORDER=multi_tensor.torch_cuda_order(table.device),
             AMSGRAD=amsgrad, DECOUPLED=decoupled, MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,

@@ -24,6 +24,7 @@ and uploaded only when they differ.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from recap_kernels._torch_numerics import torch_cuda_adam_opmath
+from recap_kernels._triton._math import CPU_ORDER, CUDA_DOUBLE_ORDER, CUDA_OPMATH_ORDER
 
 GRAD_SLOT = 1  # slot 0 is the parameter, slot 1 its gradient, then the states, then the step
 
@@ -73,12 +77,21 @@ def launch_config(device: torch.device) -> LaunchConfig:
     return _CONFIGS.get(torch.cuda.get_device_capability(device), _DEFAULT_CONFIG)
 
 
-def torch_cuda_order(device: torch.device) -> bool:
-    """Whether kernels follow the operation order of torch's CUDA fused kernels, else its CPU ones.
+def torch_cuda_order(device: torch.device) -> int:
+    """The operation order of the Adam kernel on ``device``: that of torch's fused Adam there.
 
-    Low-precision results match torch's fused path of the same device to one ulp (see _math.py).
+    ``CPU_ORDER`` off CUDA; on CUDA, the order of the installed torch's fused CUDA Adam, which
+    changed in torch 2.11. Low-precision results then match torch's fused path of the same device
+    to one ulp (Note [Operation orders] in _math.py).
     """
-    return device.type == "cuda"
+    if device.type != "cuda":
+        return CPU_ORDER.value
+    return CUDA_OPMATH_ORDER.value if _torch_cuda_adam_opmath() else CUDA_DOUBLE_ORDER.value
+
+
+@functools.cache
+def _torch_cuda_adam_opmath() -> bool:
+    return torch_cuda_adam_opmath()  # reads a header of torch's: once per process
 
 
 def _addresses(tensors: list[Tensor]) -> tuple[int, ...]:
