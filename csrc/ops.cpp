@@ -80,6 +80,17 @@ TORCH_LIBRARY(recap_kernels, m) {
       "fused_adagrad_bucket_(__torch__.torch.classes.recap_kernels.BoundBucket bucket, Tensor(a!)[] grads, "
       "float[] lrs, Tensor?[] lr_tensors, float[] lr_decays, float[] epss, float[] weight_decays, *, "
       "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Test-only, in builds with CUDA kernels: fused_adam_ / fused_adagrad_ on CPU tensors through the
+  // CUDA kernels' block bodies, run on the host (cuda/emulate.cu; tests/test_cuda_ops.py).
+  m.def(
+      "_emulate_cuda_fused_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, int[] group_sizes, "
+      "float[] lrs, Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, *, "
+      "bool amsgrad, bool decoupled, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "_emulate_cuda_fused_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] lrs, Tensor?[] lr_tensors, float[] lr_decays, "
+      "float[] epss, float[] weight_decays, *, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Test-only: out = src, through convert.h's load and store (tests/test_math_edges.py).
   m.def("_convert_(Tensor(a!) out, Tensor src) -> ()");
 }

@@ -187,21 +187,72 @@ def assert_optimizer_close(
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "lr_decay", "initial_accumulator_value")
+
+
+def rounded_hyperparameters(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any],
+                            dtype: torch.dtype) -> dict[str, Any]:
+    """``kwargs`` with every hyperparameter, defaults included, rounded to ``dtype``.
+
+    torch's fused CUDA Adam (since torch 2.11), and our kernels that follow it, compute with the
+    hyperparameters rounded to the math dtype: betas of 0.9 / 0.999 become 0.899999976 /
+    0.999000013, which moves exp_avg_sq by up to 1.3e-5 relative after a step, far beyond fp32's
+    default tolerance against torch's double-precision paths. With values that fp32 represents
+    exactly, both sides compute with the same numbers and the default tolerances apply again.
+    """
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name in HYPERPARAMETERS}
+
+    def rounded(x):
+        if torch.is_tensor(x):
+            return x.to(dtype).to(x.dtype)
+        if isinstance(x, float):
+            return float(torch.tensor(x, dtype=dtype))
+        if isinstance(x, tuple):
+            return tuple(rounded(v) for v in x)
+        return x
+
+    return {k: rounded(v) if k in HYPERPARAMETERS else v for k, v in {**defaults, **kwargs}.items()}
+
+
+def fused_cuda_hyperparameters(options: Options, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype torch's fused CUDA Adam rounds hyperparameters to (float32 since torch 2.11, for
+    fp32/bf16/fp16 storage), which our CUDA kernels follow; None where nothing is rounded. Pass it as
+    ``hyperparameters_in`` so the reference computes with the same values."""
+    from recap_kernels._torch_numerics import torch_cuda_adam_opmath
+
+    if options.optimizer != "adagrad" and dtype != torch.float64 and torch_cuda_adam_opmath():
+        return torch.float32
+    return None
+
+
 def build_pair(
-    backend: str, options: Options, dtype: torch.dtype, device, shapes, seed: int = 0
+    backend: str, options: Options, dtype: torch.dtype, device, shapes, seed: int = 0,
+    hyperparameters_in: torch.dtype | None = None,
 ) -> tuple[OptimizerFactory, OptimizerFactory]:
-    """Factories ``(make_reference(params), make_tested(params))`` with identical arguments."""
+    """Factories ``(make_reference(params), make_tested(params))`` with identical arguments.
+
+    ``hyperparameters_in``: round every hyperparameter to this dtype first (rounded_hyperparameters).
+    """
     ref_cls, test_cls = OPTIMIZERS[options.optimizer]
 
     def kwargs():
         kw = options.make_kwargs(dtype)
+        if hyperparameters_in is not None:
+            kw = rounded_hyperparameters(ref_cls, kw, hyperparameters_in)
         if dtype in LOW_PRECISION:
             kw["fused"] = True  # the low-precision reference: fp32 math, one rounding
         return kw
 
     def make(cls, params, **extra):
         kw = kwargs()
-        return cls(split_groups(params, _group_overrides(options.optimizer, kw.get("lr"))), **kw, **extra)
+        overrides = _group_overrides(options.optimizer, kw.get("lr"))
+        if hyperparameters_in is not None:
+            overrides = [{k: v for k, v in rounded_hyperparameters(ref_cls, o, hyperparameters_in).items() if k in o}
+                         for o in overrides]
+        return cls(split_groups(params, overrides), **kw, **extra)
 
     return (lambda params: make(ref_cls, params)), (lambda params: make(test_cls, params, backend=backend))
 
@@ -222,15 +273,18 @@ def check_equivalence(
     shapes: Sequence[tuple[int, ...]] = SHAPES,
     steps: int = STEPS,
     resume: str | None = None,
+    hyperparameters_in: torch.dtype | None = None,
 ) -> torch.optim.Optimizer:
     """Train reference and tested optimizer side by side and assert they end equal.
 
     ``resume``: ``None`` (the tested optimizer runs every step), ``"from_torch"`` (torch runs the
     first half, its ``state_dict`` is loaded into the tested optimizer for the second half) or
     ``"to_torch"`` (the tested optimizer runs the first half and torch continues from its state).
+    ``hyperparameters_in``: see :func:`rounded_hyperparameters`.
     Returns the tested optimizer (for extra checks such as ``backends_used()``).
     """
-    make_ref, make_tested = build_pair(backend, options, dtype, device, shapes)
+    make_ref, make_tested = build_pair(backend, options, dtype, device, shapes,
+                                       hyperparameters_in=hyperparameters_in)
     init = make_params(shapes, dtype, device)
     grads = make_grads(init, steps)
 

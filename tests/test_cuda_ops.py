@@ -1,9 +1,10 @@
 """The CUDA kernels (csrc/cuda/) and the ``cuda`` backend.
 
 On a machine without a GPU (CI) the extension is still compiled with its CUDA kernels when torch is
-a CUDA build and nvcc is there: these tests then check what can be checked without running a kernel
-(the ops have CUDA kernels under the same schemas, the kernels' argument checks, the backend's
-availability and arch logic). The ``gpu`` tests run the kernels: the shared equivalence harness
+a CUDA build and nvcc is there: these tests then check the ops have CUDA kernels under the same
+schemas, the kernels' argument checks, the backend's availability and arch logic, and run the CUDA
+kernels' code itself through its host emulation (csrc/cuda/emulate.cu: every block and thread of a
+launch in turn, on CPU tensors) against torch.optim with the shared harness. The ``gpu`` tests run the kernels: the shared equivalence harness
 (full matrix, in test_equivalence.py), a 300-tensor bucket, more param groups than one launch
 takes, misaligned views, a tensor of more than 2^31 elements, CUDA-graph capture, GradScaler with
 an overflow step, and agreement with the Triton backend.
@@ -20,6 +21,7 @@ from tests.reference import (
     OPTION_MATRIX,
     assert_optimizer_close,
     check_equivalence,
+    fused_cuda_hyperparameters,
     make_grads,
     make_params,
     tolerances,
@@ -30,6 +32,9 @@ BUILT_WITH_CUDA = bool(_ext.build_info().get("cuda_extension")) and _ops.LOADED
 needs_cuda_build = pytest.mark.skipif(not BUILT_WITH_CUDA, reason="recap_kernels._C was built without CUDA kernels")
 OPS = ("fused_adam_", "fused_adagrad_", "fused_adam_bucket_", "fused_adagrad_bucket_")
 OPTIONS = {o.id: o for o in OPTION_MATRIX}
+# Adam hyperparameters fp32 represents exactly: torch's fused CUDA Adam and ours compute with them
+# rounded to fp32, torch's other paths in double (reference.rounded_hyperparameters).
+EXACT_ADAM = {"betas": (0.875, 1 - 2.0**-10), "eps": 2.0**-20}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,6 +194,115 @@ def test_arch_support_follows_cuda_compatibility_rules(capability, archs, expect
 
 
 # ------------------------------------------------------------------------------------------------
+# Without a GPU: the CUDA kernels' code, emulated on the host
+# ------------------------------------------------------------------------------------------------
+EMULATED = _ops.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "recap_kernels::_emulate_cuda_fused_adam_", "CPU")
+needs_emulation = pytest.mark.skipif(not EMULATED, reason="recap_kernels._C was built without CUDA kernels")
+
+
+@pytest.fixture
+def emulated_cuda_kernels(monkeypatch):
+    """The cpu backend's steps go through the CUDA kernels' host emulation (list ops, not bound buckets)."""
+    from recap_kernels.backends import _cpp_steps
+
+    calls = []
+
+    def route(name):
+        op = getattr(torch.ops.recap_kernels, f"_emulate_cuda_{name}").default
+
+        def call(*args, **kwargs):
+            calls.append(name)
+            op(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(_cpp_steps, "bind_buckets", False)
+    monkeypatch.setattr(_ops, "fused_adam_", route("fused_adam_"))
+    monkeypatch.setattr(_ops, "fused_adagrad_", route("fused_adagrad_"))
+    return calls
+
+
+EMULATED_CASES = [(o, d) for o in OPTION_MATRIX for d in (torch.float32, torch.float64)] + [
+    (o, d) for o in OPTION_MATRIX if o.optimizer == "adagrad" for d in (torch.bfloat16, torch.float16)]
+
+
+@needs_emulation
+@pytest.mark.parametrize("options,dtype", EMULATED_CASES,
+                         ids=[f"{o.id}-{str(d).removeprefix('torch.')}" for o, d in EMULATED_CASES])
+def test_emulated_cuda_kernels_match_torch(emulated_cuda_kernels, options, dtype):
+    """The full option matrix on odd sizes (1, 3, 4097, an empty tensor, a matrix), three groups,
+    a parameter that skips steps: the CUDA kernels' blocks, run on the host. bf16/fp16 Adagrad is
+    torch's fused CPU order, so it matches torch's fused step to one ulp; the CUDA Adam's low
+    precision order is torch's CUDA one, checked on the GPU."""
+    opt = check_equivalence("cpu", options, dtype, hyperparameters_in=fused_cuda_hyperparameters(options, dtype))
+    assert opt.backends_used() == {"cpu"}
+    assert emulated_cuda_kernels, "the steps went through the emulated CUDA kernels"
+
+
+@needs_emulation
+@pytest.mark.parametrize("family", ["Adam", "AdamW", "Adagrad"])
+def test_emulated_two_launches_multi_chunk_tensors_and_misaligned_views(emulated_cuda_kernels, family):
+    """40 groups (two launches of at most 32), tensors of one, two and three 65,536-element chunks,
+    and contiguous views at odd offsets (no 128-bit path): same numbers as torch.optim."""
+    sizes = [65_536, 65_537, 131_073, 7, 1, 4099] + [3 + 5 * i for i in range(74)]
+    flat = torch.randn(sum(sizes) + len(sizes) + 8, dtype=torch.float64)
+
+    def fresh():
+        base = flat.clone().float()
+        out, offset = [], 1
+        for i, n in enumerate(sizes):
+            view = base[offset:offset + n] if i % 4 == 3 else base[offset:offset + n].clone()  # every 4th misaligned
+            out.append(view.requires_grad_())
+            offset += n + 1
+        return out
+
+    def build(cls, params, **kw):
+        # Hyperparameters fp32 represents exactly (see reference.rounded_hyperparameters).
+        extra = {} if family == "Adagrad" else {"weight_decay": 2.0**-6, "amsgrad": family == "Adam",
+                                                "betas": (0.875, 1 - 2.0**-10), "eps": 2.0**-20}
+        return cls([{"params": params[2 * g:2 * g + 2], "lr": 2.0**-10 * (1 + g)} for g in range(40)], **extra, **kw)
+
+    grads = make_grads(fresh(), 5)
+    ref_params = fresh()
+    ref = build(getattr(torch.optim, family), ref_params)
+    train(ref, ref_params, grads)
+    params = fresh()
+    assert any(p.data_ptr() % 16 for p in params)
+    opt = build(getattr(optim, family), params, backend="cpu")
+    train(opt, params, grads)
+    assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+    assert len(emulated_cuda_kernels) == 5
+
+
+@needs_emulation
+@pytest.mark.parametrize("family", ["Adam", "Adagrad"])
+def test_emulated_amp_unscales_in_kernel_and_an_overflow_changes_nothing(emulated_cuda_kernels, family):
+    init = make_params([(4097,), (3,), (130,)], torch.float32)
+    grads = make_grads(init, 3)
+    params = [p.clone().requires_grad_() for p in init]
+    opt = getattr(optim, family)(params, backend="cpu")
+    train(opt, params, grads[:1])
+    before = [p.detach().clone() for p in params], [dict((k, v.clone()) for k, v in opt.state[p].items())
+                                                     for p in params]
+    for p, g in zip(params, grads[1]):
+        p.grad = None if g is None else g * 1024
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.step()  # found_inf: nothing moves, step counters included
+    for p, b, state in zip(params, before[0], before[1]):
+        assert torch.equal(p.detach(), b)
+        for k, v in state.items():
+            assert torch.equal(opt.state[p][k], v)
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()  # unscaled in the kernel, and the gradients are left unscaled
+    del opt.grad_scale, opt.found_inf
+    for p, g in zip(params, grads[1]):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g)
+    assert opt.state[params[0]]["step"].item() == 2
+
+
+# ------------------------------------------------------------------------------------------------
 # On a GPU
 # ------------------------------------------------------------------------------------------------
 CUDA_OK = torch.cuda.is_available() and available_backends("cuda")["cuda"].ok
@@ -204,7 +318,8 @@ TOWER_SHAPES = tuple((1 + (i * 37) % 517, 1 + (i * 11) % 63) if i % 3 else (1 + 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("options", ["adam-amsgrad-wd", "adamw-wd", "adam-lr-tensor", "adagrad-wd-maximize"])
 def test_300_tensor_bucket_matches_torch(options, dtype):
-    opt = check_equivalence("cuda", OPTIONS[options], dtype, device="cuda", shapes=TOWER_SHAPES, steps=10)
+    opt = check_equivalence("cuda", OPTIONS[options], dtype, device="cuda", shapes=TOWER_SHAPES, steps=10,
+                            hyperparameters_in=fused_cuda_hyperparameters(OPTIONS[options], dtype))
     assert opt.backends_used() == {"cuda"}
 
 
@@ -217,7 +332,8 @@ def test_more_groups_than_one_launch_takes(family):
     grads = make_grads(init, 6)
 
     def build(cls, params, **kw):
-        return cls([{"params": params[2 * g:2 * g + 2], "lr": 1e-3 * (1 + g)} for g in range(40)], **kw)
+        extra = {} if family == "Adagrad" else EXACT_ADAM
+        return cls([{"params": params[2 * g:2 * g + 2], "lr": 2.0**-10 * (1 + g)} for g in range(40)], **extra, **kw)
 
     ref_params = [p.clone().requires_grad_() for p in init]
     ref = build(getattr(torch.optim, family), ref_params)
@@ -245,11 +361,12 @@ def test_misaligned_views_take_the_scalar_path_with_the_same_numbers(dtype):
 
     grads = make_grads([torch.empty(n, dtype=dtype, device="cuda") for n in sizes], 8)
     ref_params = [v.clone().requires_grad_() for v in views(flat)]
-    ref = torch.optim.Adam(ref_params, weight_decay=0.1, **({"fused": True} if dtype == torch.bfloat16 else {}))
+    kw = {"weight_decay": 2.0**-4, **EXACT_ADAM}
+    ref = torch.optim.Adam(ref_params, **kw, **({"fused": True} if dtype == torch.bfloat16 else {}))
     train(ref, ref_params, grads)
     params = [v.requires_grad_() for v in views(flat.clone())]
     assert all(p.data_ptr() % 16 != 0 for p in params)
-    opt = optim.Adam(params, weight_decay=0.1, backend="cuda")
+    opt = optim.Adam(params, backend="cuda", **kw)
     train(opt, params, grads)
     assert_optimizer_close(ref, ref_params, opt, params, dtype)
 
@@ -332,7 +449,7 @@ def test_grad_scaler_with_an_overflow_step_matches_torch(family, kwargs):
 
     def run(cls, params, **kw):
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=2)
-        opt = cls(params, lr=0.01, **kw)
+        opt = cls(params, lr=2.0**-7, **({} if family == "Adagrad" else EXACT_ADAM), **kw)
         for grad in grads:
             opt.zero_grad()
             loss = sum((p * g).sum() for p, g in zip(params, grad))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from recap_kernels import available_backends
-from tests.reference import FLOAT_DTYPES, OPTION_MATRIX, check_equivalence, dtype_id
+from tests.reference import FLOAT_DTYPES, OPTION_MATRIX, check_equivalence, dtype_id, fused_cuda_hyperparameters
 
 BACKENDS = [name for name, (ok, _) in available_backends(torch.device("cpu")).items() if ok]
 
@@ -76,7 +76,8 @@ GPU_SHAPES = ((10_000_019,), (1,), (3,), (4097,), (0,), (1024, 1023), (65_537,))
 def test_matches_torch_on_gpu(backend, options, dtype):
     if backend == "none":
         pytest.skip(f"no kernel backend can run CUDA tensors here: {available_backends('cuda')}")
-    opt = check_equivalence(backend, options, dtype, device="cuda", shapes=GPU_SHAPES)
+    opt = check_equivalence(backend, options, dtype, device="cuda", shapes=GPU_SHAPES,
+                            hyperparameters_in=fused_cuda_hyperparameters(options, dtype))
     assert opt.backends_used() == {backend}
 
 
@@ -87,4 +88,5 @@ def test_resume_across_implementations_on_gpu(backend, resume):
     if backend == "none":
         pytest.skip("no kernel backend can run CUDA tensors here")
     for options in OPTION_MATRIX:
-        check_equivalence(backend, options, torch.float32, device="cuda", shapes=GPU_SHAPES, resume=resume)
+        check_equivalence(backend, options, torch.float32, device="cuda", shapes=GPU_SHAPES, resume=resume,
+                          hyperparameters_in=fused_cuda_hyperparameters(options, torch.float32))

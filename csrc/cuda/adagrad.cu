@@ -1,149 +1,35 @@
-// recap_kernels::fused_adagrad_ for CUDA tensors (schema in ../ops.cpp): one launch updates every
-// tensor of a bucket, across param groups (Note [Multi-tensor launch] in multi_tensor.cuh), with
-// adagrad_update of recap_kernels/adagrad_math.h.
-//
-// torch has no fused CUDA Adagrad; its only fused Adagrad is the CPU kernel, and this one computes
-// in the same order (float math, the FMAs of adagrad_math.h), so bfloat16/float16 results match
-// torch's fused CPU step. Specialized at compile time on the storage dtype; weight decay, maximize
-// and AMP are uniform run-time branches. Step counters advance before the update (multi_tensor.cuh).
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include "../common/arguments.h"
+// The CUDA kernels of recap_kernels::fused_adagrad_ and fused_adagrad_bucket_ (the op and the block
+// body are in adagrad.cuh).
 #include "../common/bucket.h"
-#include "multi_tensor.cuh"
-#include "recap_kernels/adagrad_math.h"
+#include "adagrad.cuh"
 
 namespace recap_kernels::cuda {
 namespace {
 
-struct AdagradGroup {
-  LearningRate lr;
-  double lr_decay, eps, weight_decay;
-};
-
-struct AdagradGroups {
-  AdagradGroup group[kMaxLaunchGroups];
-};
-
-// One element, in place on raw storage values.
-template <typename S>
-__device__ __forceinline__ void adagrad_element(typename Storage<S>::raw_t& param, typename Storage<S>::raw_t& grad,
-                                                typename Storage<S>::raw_t& state_sum,
-                                                const AdagradScalars<typename Storage<S>::math_t>& s,
-                                                bool weight_decay, const float* grad_scale, float scale) {
-  using St = Storage<S>;
-  using M = typename St::math_t;
-  M p = St::load(param);
-  M g = St::load(grad);
-  if (grad_scale != nullptr) {
-    g = unscale_grad(g, M(scale));
-    grad = St::store(g);
-  }
-  M sum = St::load(state_sum);
-  if (weight_decay) {
-    adagrad_update<M, true>(p, g, sum, s);
-  } else {
-    adagrad_update<M, false>(p, g, sum, s);
-  }
-  param = St::store(p);
-  state_sum = St::store(sum);
-}
-
 template <typename S>
 __global__ void __launch_bounds__(kBlockSize)
     adagrad_kernel(LaunchTable table, const __grid_constant__ AdagradGroups groups, AmpArgs amp, bool maximize) {
-  using R = typename Storage<S>::raw_t;
-  using M = typename Storage<S>::math_t;
-  if (amp.skip()) {
-    return;
-  }
-  const BlockWork work = block_work(table);
-  const AdagradGroup& hp = groups.group[work.entry.group];
-  // The counter was advanced already: it holds the step being taken.
-  const AdagradScalars<M> s =
-      adagrad_scalars<M>(hp.lr.get(), hp.lr_decay, hp.eps, hp.weight_decay, double(*work.entry.step), maximize);
-  const bool weight_decay = hp.weight_decay != 0.0;
-  const float scale = amp.grad_scale != nullptr ? *amp.grad_scale : 1.0f;
-  R* __restrict__ param = static_cast<R*>(work.entry.slots[0]) + work.offset;
-  R* __restrict__ grad = static_cast<R*>(work.entry.slots[1]) + work.offset;
-  R* __restrict__ state_sum = static_cast<R*>(work.entry.slots[2]) + work.offset;
-
-  int32_t scalar_begin = 0;
-  if (work.entry.vectorizable) {
-    constexpr int32_t kWidth = Vector<R>::kSize;
-    const int32_t num_vectors = work.size / kWidth;
-    for (int32_t v = threadIdx.x; v < num_vectors; v += kBlockSize) {
-      const int32_t i = v * kWidth;
-      Vector<R> p = load_vector(param + i);
-      Vector<R> g = load_vector(grad + i);
-      Vector<R> sum = load_vector(state_sum + i);
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) {
-        adagrad_element<S>(p.v[k], g.v[k], sum.v[k], s, weight_decay, amp.grad_scale, scale);
-      }
-      store_vector(param + i, p);
-      if (amp.grad_scale != nullptr) {
-        store_vector(grad + i, g);
-      }
-      store_vector(state_sum + i, sum);
-    }
-    scalar_begin = num_vectors * kWidth;
-  }
-  // The tail after the last whole vector, or every element of a tensor with a misaligned slot.
-  for (int32_t i = scalar_begin + threadIdx.x; i < work.size; i += kBlockSize) {
-    adagrad_element<S>(param[i], grad[i], state_sum[i], s, weight_decay, amp.grad_scale, scale);
-  }
+  adagrad_block<S>(table, groups, amp, maximize, blockIdx.x, threadIdx.x);
 }
+
+struct AdagradCudaLaunch : CudaLaunch {
+  using CudaLaunch::CudaLaunch;
+
+  template <typename S>
+  void adagrad(const LaunchTable& table, int64_t num_blocks, const AdagradGroups& groups, const AmpArgs& amp,
+               bool maximize) {
+    adagrad_kernel<S><<<static_cast<unsigned>(num_blocks), kBlockSize, 0, stream()>>>(table, groups, amp, maximize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 void fused_adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                         at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lrs,
                         const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> lr_decays,
                         at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  check_list_length("grads", grads, n);
-  check_list_length("state_sums", state_sums, n);
-  check_list_length("state_steps", state_steps, n);
-  const size_t num_groups = group_sizes.size();
-  check_group_list("lrs", lrs.size(), num_groups);
-  check_group_list("lr_decays", lr_decays.size(), num_groups);
-  check_group_list("epss", epss.size(), num_groups);
-  check_group_list("weight_decays", weight_decays.size(), num_groups);
-  const std::vector<int32_t> tensor_group = tensor_groups(group_sizes, static_cast<int64_t>(n));
-  if (n == 0) {
-    return;
-  }
-  const Gathered gathered = gather({{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, state_steps);
-  const at::Device device = params[0].device();
-  const AmpArgs amp{amp_scalar("grad_scale", grad_scale, device), amp_scalar("found_inf", found_inf, device)};
-
-  const c10::cuda::CUDAGuard guard(device);
-  check_device_supported(device);
-  std::vector<at::Tensor> keep_alive;
-  const std::vector<LearningRate> rates = learning_rates(lrs, lr_tensors, device, keep_alive);
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const HostTables tables =
-      build_tables(gathered.slots, gathered.steps, gathered.numels, tensor_group, static_cast<int32_t>(num_groups));
-  const int64_t* device_words = device_tables(tables, device, stream);
-
-  dispatch_storage(params[0].scalar_type(), "fused_adagrad_", [&](auto tag) {
-    using S = decltype(tag);
-    for (const HostTables::Segment& segment : tables.segments) {
-      AdagradGroups groups{};
-      for (int32_t g = 0; g < segment.num_groups; ++g) {
-        const size_t k = segment.first_group + g;
-        groups.group[g] = AdagradGroup{rates[k], lr_decays[k], epss[k], weight_decays[k]};
-      }
-      const LaunchTable table = launch_table(device_words, segment);
-      advance_steps(table, segment.num_tensors, amp, stream);
-      if (segment.num_blocks > 0) {
-        adagrad_kernel<S><<<static_cast<unsigned>(segment.num_blocks), kBlockSize, 0, stream>>>(table, groups, amp,
-                                                                                               maximize);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    }
-  });
+  fused_adagrad<AdagradCudaLaunch>(params, grads, state_sums, state_steps, group_sizes, lrs, lr_tensors, lr_decays,
+                                   epss, weight_decays, maximize, grad_scale, found_inf);
 }
 
 // fused_adagrad_ on a BoundBucket's lists (Note [Bound buckets] in common/bucket.h).

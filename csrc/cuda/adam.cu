@@ -1,141 +1,28 @@
-// recap_kernels::fused_adam_ for CUDA tensors (schema in ../ops.cpp): one launch updates every
-// tensor of a bucket, across param groups (Note [Multi-tensor launch] in multi_tensor.cuh), with
-// adam_update_cuda of recap_kernels/adam_math.h, in torch's CUDA operation order.
-//
-// Specialized at compile time on the storage dtype, amsgrad and Adam/AdamW, which keeps each
-// kernel to the registers it needs; maximize, AMP and a zero weight decay are uniform run-time
-// branches. The step counters are advanced by a small kernel before the update, as torch does.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include "../common/arguments.h"
+// The CUDA kernels of recap_kernels::fused_adam_ and fused_adam_bucket_ (the op and the block body
+// are in adam.cuh).
 #include "../common/bucket.h"
-#include "multi_tensor.cuh"
-#include "recap_kernels/adam_math.h"
-
-#ifndef RECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH
-#error "setup.py defines RECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH (Note [CUDA operation order] in adam_math.h)"
-#endif
+#include "adam.cuh"
 
 namespace recap_kernels::cuda {
 namespace {
 
-constexpr bool kOpmath = RECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH != 0;
-
-struct AdamGroup {
-  LearningRate lr;
-  double beta1, beta2, eps, weight_decay;
-};
-
-struct AdamGroups {
-  AdamGroup group[kMaxLaunchGroups];
-};
-
-// One element, in place on raw storage values.
-template <typename S, bool AMSGRAD, bool DECOUPLED>
-__device__ __forceinline__ void adam_element(typename Storage<S>::raw_t& param, typename Storage<S>::raw_t& grad,
-                                             typename Storage<S>::raw_t& exp_avg,
-                                             typename Storage<S>::raw_t& exp_avg_sq,
-                                             typename Storage<S>::raw_t& max_exp_avg_sq,
-                                             const AdamCudaScalars<typename Storage<S>::math_t, kOpmath>& s,
-                                             const float* grad_scale, float scale, bool maximize) {
-  using St = Storage<S>;
-  using M = typename St::math_t;
-  M p = St::load(param);
-  M g = St::load(grad);
-  if (grad_scale != nullptr) {
-    g = unscale_grad_cuda<M, kOpmath>(g, scale);
-    grad = St::store(g);  // stored only when unscaling (the caller writes grads back only then)
-  }
-  M m = St::load(exp_avg);
-  M v = St::load(exp_avg_sq);
-  M v_max = AMSGRAD ? St::load(max_exp_avg_sq) : M(0);
-  adam_update_cuda<M, kOpmath, AMSGRAD, DECOUPLED>(p, g, m, v, v_max, s, maximize);
-  param = St::store(p);
-  exp_avg = St::store(m);
-  exp_avg_sq = St::store(v);
-  if constexpr (AMSGRAD) {
-    max_exp_avg_sq = St::store(v_max);
-  }
-}
-
 template <typename S, bool AMSGRAD, bool DECOUPLED>
 __global__ void __launch_bounds__(kBlockSize)
     adam_kernel(LaunchTable table, const __grid_constant__ AdamGroups groups, AmpArgs amp, bool maximize) {
-  using R = typename Storage<S>::raw_t;
-  using M = typename Storage<S>::math_t;
-  if (amp.skip()) {
-    return;
-  }
-  const BlockWork work = block_work(table);
-  const AdamGroup& hp = groups.group[work.entry.group];
-  const AdamCudaScalars<M, kOpmath> s =
-      adam_cuda_scalars<M, kOpmath>(hp.lr.get(), hp.beta1, hp.beta2, hp.eps, hp.weight_decay, *work.entry.step);
-  const float scale = amp.grad_scale != nullptr ? *amp.grad_scale : 1.0f;
-  R* __restrict__ param = static_cast<R*>(work.entry.slots[0]) + work.offset;
-  R* __restrict__ grad = static_cast<R*>(work.entry.slots[1]) + work.offset;
-  R* __restrict__ exp_avg = static_cast<R*>(work.entry.slots[2]) + work.offset;
-  R* __restrict__ exp_avg_sq = static_cast<R*>(work.entry.slots[3]) + work.offset;
-  R* __restrict__ max_exp_avg_sq = AMSGRAD ? static_cast<R*>(work.entry.slots[4]) + work.offset : nullptr;
-
-  int32_t scalar_begin = 0;
-  if (work.entry.vectorizable) {
-    constexpr int32_t kWidth = Vector<R>::kSize;
-    const int32_t num_vectors = work.size / kWidth;
-    for (int32_t v = threadIdx.x; v < num_vectors; v += kBlockSize) {
-      const int32_t i = v * kWidth;
-      Vector<R> p = load_vector(param + i);
-      Vector<R> g = load_vector(grad + i);
-      Vector<R> m = load_vector(exp_avg + i);
-      Vector<R> sq = load_vector(exp_avg_sq + i);
-      Vector<R> sq_max;
-      if constexpr (AMSGRAD) {
-        sq_max = load_vector(max_exp_avg_sq + i);
-      }
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) {
-        adam_element<S, AMSGRAD, DECOUPLED>(p.v[k], g.v[k], m.v[k], sq.v[k], sq_max.v[k], s, amp.grad_scale, scale,
-                                            maximize);
-      }
-      store_vector(param + i, p);
-      if (amp.grad_scale != nullptr) {
-        store_vector(grad + i, g);
-      }
-      store_vector(exp_avg + i, m);
-      store_vector(exp_avg_sq + i, sq);
-      if constexpr (AMSGRAD) {
-        store_vector(max_exp_avg_sq + i, sq_max);
-      }
-    }
-    scalar_begin = num_vectors * kWidth;
-  }
-  // The tail after the last whole vector, or every element of a tensor with a misaligned slot.
-  for (int32_t i = scalar_begin + threadIdx.x; i < work.size; i += kBlockSize) {
-    R unused = R(0);
-    adam_element<S, AMSGRAD, DECOUPLED>(param[i], grad[i], exp_avg[i], exp_avg_sq[i],
-                                        AMSGRAD ? max_exp_avg_sq[i] : unused, s, amp.grad_scale, scale, maximize);
-  }
+  adam_block<S, AMSGRAD, DECOUPLED>(table, groups, amp, maximize, blockIdx.x, threadIdx.x);
 }
 
-template <typename S, bool AMSGRAD, bool DECOUPLED>
-void launch_adam(const LaunchTable& table, int64_t num_blocks, const AdamGroups& groups, const AmpArgs& amp,
-                 bool maximize, cudaStream_t stream) {
-  adam_kernel<S, AMSGRAD, DECOUPLED>
-      <<<static_cast<unsigned>(num_blocks), kBlockSize, 0, stream>>>(table, groups, amp, maximize);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+struct AdamCudaLaunch : CudaLaunch {
+  using CudaLaunch::CudaLaunch;
 
-template <typename S>
-void launch_adam(bool amsgrad, bool decoupled, const LaunchTable& table, int64_t num_blocks,
-                 const AdamGroups& groups, const AmpArgs& amp, bool maximize, cudaStream_t stream) {
-  if (amsgrad) {
-    decoupled ? launch_adam<S, true, true>(table, num_blocks, groups, amp, maximize, stream)
-              : launch_adam<S, true, false>(table, num_blocks, groups, amp, maximize, stream);
-  } else {
-    decoupled ? launch_adam<S, false, true>(table, num_blocks, groups, amp, maximize, stream)
-              : launch_adam<S, false, false>(table, num_blocks, groups, amp, maximize, stream);
+  template <typename S, bool AMSGRAD, bool DECOUPLED>
+  void adam(const LaunchTable& table, int64_t num_blocks, const AdamGroups& groups, const AmpArgs& amp,
+            bool maximize) {
+    adam_kernel<S, AMSGRAD, DECOUPLED>
+        <<<static_cast<unsigned>(num_blocks), kBlockSize, 0, stream()>>>(table, groups, amp, maximize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-}
+};
 
 void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_sizes,
@@ -143,55 +30,9 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
                      at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  check_list_length("grads", grads, n);
-  check_list_length("exp_avgs", exp_avgs, n);
-  check_list_length("exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
-  check_list_length("state_steps", state_steps, n);
-  const size_t num_groups = group_sizes.size();
-  check_group_list("lrs", lrs.size(), num_groups);
-  check_group_list("beta1s", beta1s.size(), num_groups);
-  check_group_list("beta2s", beta2s.size(), num_groups);
-  check_group_list("epss", epss.size(), num_groups);
-  check_group_list("weight_decays", weight_decays.size(), num_groups);
-  const std::vector<int32_t> tensor_group = tensor_groups(group_sizes, static_cast<int64_t>(n));
-  if (n == 0) {
-    return;
-  }
-  std::vector<std::pair<const char*, at::TensorList>> lists = {
-      {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  if (amsgrad) {
-    lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  }
-  const Gathered gathered = gather(lists, state_steps);
-  const at::Device device = params[0].device();
-  const AmpArgs amp{amp_scalar("grad_scale", grad_scale, device), amp_scalar("found_inf", found_inf, device)};
-
-  const c10::cuda::CUDAGuard guard(device);
-  check_device_supported(device);
-  std::vector<at::Tensor> keep_alive;
-  const std::vector<LearningRate> rates = learning_rates(lrs, lr_tensors, device, keep_alive);
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const HostTables tables =
-      build_tables(gathered.slots, gathered.steps, gathered.numels, tensor_group, static_cast<int32_t>(num_groups));
-  const int64_t* device_words = device_tables(tables, device, stream);
-
-  dispatch_storage(params[0].scalar_type(), "fused_adam_", [&](auto tag) {
-    using S = decltype(tag);
-    for (const HostTables::Segment& segment : tables.segments) {
-      AdamGroups groups{};
-      for (int32_t g = 0; g < segment.num_groups; ++g) {
-        const size_t k = segment.first_group + g;
-        groups.group[g] = AdamGroup{rates[k], beta1s[k], beta2s[k], epss[k], weight_decays[k]};
-      }
-      const LaunchTable table = launch_table(device_words, segment);
-      advance_steps(table, segment.num_tensors, amp, stream);
-      if (segment.num_blocks > 0) {
-        launch_adam<S>(amsgrad, decoupled, table, segment.num_blocks, groups, amp, maximize, stream);
-      }
-    }
-  });
+  fused_adam<AdamCudaLaunch>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lrs,
+                             lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad, decoupled, maximize, grad_scale,
+                             found_inf);
 }
 
 // fused_adam_ on a BoundBucket's lists (Note [Bound buckets] in common/bucket.h).

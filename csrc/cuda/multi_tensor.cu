@@ -14,10 +14,7 @@
 namespace recap_kernels::cuda {
 
 __global__ void advance_steps_kernel(LaunchTable table, AmpArgs amp) {
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < table.num_tensors && !amp.skip()) {
-    *table.entries[t].step += 1.0f;
-  }
+  advance_step(table, int64_t(blockIdx.x) * blockDim.x + threadIdx.x, amp);
 }
 
 void advance_steps(const LaunchTable& table, int32_t num_tensors, const AmpArgs& amp, cudaStream_t stream) {
@@ -35,7 +32,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps) {
+Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps,
+                c10::DeviceType device_type) {
   const at::TensorList params = lists.front().second;
   const size_t n = params.size();
   Gathered gathered;
@@ -44,7 +42,7 @@ Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists
   gathered.numels.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_param(i, p, params[0], c10::kCUDA);
+    check_param(i, p, params[0], device_type);
     gathered.slots[0][i] = p.data_ptr();
     for (size_t s = 1; s < lists.size(); ++s) {
       const at::Tensor& t = lists[s].second[i];

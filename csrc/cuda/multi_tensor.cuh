@@ -20,6 +20,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
@@ -60,7 +61,7 @@ struct LearningRate {
   const void* tensor;  // null: use value
   int32_t is_double;   // the tensor's dtype: float64 (1) or float32 (0)
 
-  __device__ __forceinline__ double get() const {
+  RK_HOST_DEVICE double get() const {
     if (tensor == nullptr) {
       return value;
     }
@@ -73,16 +74,19 @@ struct AmpArgs {
   const float* grad_scale;  // null: no unscaling
   const float* found_inf;   // null: never skip
 
-  __device__ __forceinline__ bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
+  RK_HOST_DEVICE bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
 };
 
 // ------------------------------------------------------------------------------------------------
 // Device side
+//
+// Host-device functions: a kernel's body is a function of (block, thread), so the test-only host
+// emulation (emulate.cu) runs the very code the GPU runs, block by block, on CPU tensors.
 // ------------------------------------------------------------------------------------------------
 
 // The tensor whose blocks include ``block``: the last t with block_begin[t] <= block. Empty tensors
 // own no block (block_begin[t] == block_begin[t + 1]) and are never found.
-__device__ __forceinline__ int32_t tensor_of_block(const LaunchTable& table, int64_t block) {
+RK_HOST_DEVICE int32_t tensor_of_block(const LaunchTable& table, int64_t block) {
   int32_t lo = 0;
   int32_t hi = table.num_tensors - 1;
   while (lo < hi) {
@@ -103,8 +107,7 @@ struct BlockWork {
   int32_t size;    // elements in the chunk (<= kChunk)
 };
 
-__device__ __forceinline__ BlockWork block_work(const LaunchTable& table) {
-  const int64_t block = blockIdx.x;
+RK_HOST_DEVICE BlockWork block_work(const LaunchTable& table, int64_t block) {
   const int32_t t = tensor_of_block(table, block);
   BlockWork work;
   work.entry = table.entries[t];
@@ -122,17 +125,23 @@ struct alignas(kVectorBytes) Vector {
 };
 
 template <typename R>
-__device__ __forceinline__ Vector<R> load_vector(const R* p) {
+RK_HOST_DEVICE Vector<R> load_vector(const R* p) {
   return *reinterpret_cast<const Vector<R>*>(p);
 }
 
 template <typename R>
-__device__ __forceinline__ void store_vector(R* p, const Vector<R>& x) {
+RK_HOST_DEVICE void store_vector(R* p, const Vector<R>& x) {
   *reinterpret_cast<Vector<R>*>(p) = x;
 }
 
 // Every step counter of the launch advances by one, unless found_inf skips the step. Runs before
 // the update kernel on the same stream, which then reads the step being taken, as torch does.
+RK_HOST_DEVICE void advance_step(const LaunchTable& table, int64_t t, const AmpArgs& amp) {
+  if (t < table.num_tensors && !amp.skip()) {
+    *table.entries[t].step += 1.0f;
+  }
+}
+
 __global__ void advance_steps_kernel(LaunchTable table, AmpArgs amp);
 
 // ------------------------------------------------------------------------------------------------
@@ -161,8 +170,9 @@ struct Gathered {
 };
 
 // ``lists`` are the call's tensor lists in slot order, params first; every list has one tensor per
-// parameter (already checked). Checks devices, dtypes, sizes and layouts.
-Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps);
+// parameter (already checked). Checks devices (of ``device_type``), dtypes, sizes and layouts.
+Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps,
+                c10::DeviceType device_type);
 
 // Each group's learning rate: the float, a CPU Tensor lr's value (a host read, no device sync), or
 // a CUDA Tensor lr read by the kernel. A Tensor lr of another dtype than float32/float64 is
@@ -191,5 +201,31 @@ void advance_steps(const LaunchTable& table, int32_t num_tensors, const AmpArgs&
 
 // A clear error when this GPU has no code in the extension (its arch was not compiled).
 void check_device_supported(const at::Device& device);
+
+// Where an op's launches go. The ops (adam.cuh, adagrad.cuh) are templates over it: CudaLaunch runs
+// the kernels on the current stream of the parameters' GPU; HostLaunch (emulate.cu, test-only) runs
+// the same block bodies on the host, for CPU tensors.
+class CudaLaunch {
+ public:
+  static constexpr c10::DeviceType kDeviceType = c10::kCUDA;
+
+  explicit CudaLaunch(const at::Device& device)
+      : device_(device), guard_(device), stream_(c10::cuda::getCurrentCUDAStream(device.index())) {
+    check_device_supported(device);
+  }
+
+  const int64_t* tables(const HostTables& tables) { return device_tables(tables, device_, stream_); }
+
+  void advance(const LaunchTable& table, int32_t num_tensors, const AmpArgs& amp) {
+    advance_steps(table, num_tensors, amp, stream_.stream());
+  }
+
+  cudaStream_t stream() const { return stream_.stream(); }
+
+ private:
+  at::Device device_;
+  c10::cuda::CUDAGuard guard_;
+  c10::cuda::CUDAStream stream_;
+};
 
 }  // namespace recap_kernels::cuda

@@ -1,0 +1,85 @@
+// Test-only: the CUDA kernels' block bodies run on the host, for CPU tensors.
+//
+// A kernel of csrc/cuda/ is a function of (block, thread) with no shared memory and no
+// synchronization between threads (adam_block, adagrad_block), so running every (block, thread)
+// pair in turn on the CPU computes exactly what the GPU computes, up to the host's libm (powf
+// in the bias corrections). The ops _emulate_cuda_fused_adam_ / _emulate_cuda_fused_adagrad_ take
+// the arguments of fused_adam_ / fused_adagrad_ and run them that way: the same op templates,
+// argument checks, tables (segments, block -> tensor search, 128-bit and tail paths, misaligned
+// slots) and CUDA-order math, so a machine without a GPU tests the GPU code (tests/test_cuda_ops.py).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "adagrad.cuh"
+#include "adam.cuh"
+
+namespace recap_kernels::cuda {
+namespace {
+
+class HostLaunch {
+ public:
+  static constexpr c10::DeviceType kDeviceType = c10::kCPU;
+
+  explicit HostLaunch(const at::Device& /*device*/) {}
+
+  // The tables in a 64-byte aligned host buffer (TensorEntry is 16-byte aligned).
+  const int64_t* tables(const HostTables& tables) {
+    buffer_ = at::empty({static_cast<int64_t>(tables.words.size())}, at::TensorOptions().dtype(at::kLong));
+    std::memcpy(buffer_.data_ptr<int64_t>(), tables.words.data(), tables.words.size() * sizeof(int64_t));
+    return buffer_.data_ptr<int64_t>();
+  }
+
+  void advance(const LaunchTable& table, int32_t num_tensors, const AmpArgs& amp) {
+    for (int64_t t = 0; t < num_tensors; ++t) {
+      advance_step(table, t, amp);
+    }
+  }
+
+ protected:
+  template <typename Body>
+  static void each_thread(int64_t num_blocks, const Body& body) {
+    for (int64_t block = 0; block < num_blocks; ++block) {
+      for (int32_t thread = 0; thread < kBlockSize; ++thread) {
+        body(block, thread);
+      }
+    }
+  }
+
+ private:
+  at::Tensor buffer_;
+};
+
+struct AdamHostLaunch : HostLaunch {
+  using HostLaunch::HostLaunch;
+
+  template <typename S, bool AMSGRAD, bool DECOUPLED>
+  void adam(const LaunchTable& table, int64_t num_blocks, const AdamGroups& groups, const AmpArgs& amp,
+            bool maximize) {
+    each_thread(num_blocks, [&](int64_t block, int32_t thread) {
+      adam_block<S, AMSGRAD, DECOUPLED>(table, groups, amp, maximize, block, thread);
+    });
+  }
+};
+
+struct AdagradHostLaunch : HostLaunch {
+  using HostLaunch::HostLaunch;
+
+  template <typename S>
+  void adagrad(const LaunchTable& table, int64_t num_blocks, const AdagradGroups& groups, const AmpArgs& amp,
+               bool maximize) {
+    each_thread(num_blocks, [&](int64_t block, int32_t thread) {
+      adagrad_block<S>(table, groups, amp, maximize, block, thread);
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
+  m.impl("_emulate_cuda_fused_adam_", &fused_adam<AdamHostLaunch>);
+  m.impl("_emulate_cuda_fused_adagrad_", &fused_adagrad<AdagradHostLaunch>);
+}
+
+}  // namespace recap_kernels::cuda
