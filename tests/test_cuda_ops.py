@@ -4,10 +4,11 @@ On a machine without a GPU (CI) the extension is still compiled with its CUDA ke
 a CUDA build and nvcc is there: these tests then check the ops have CUDA kernels under the same
 schemas, the kernels' argument checks, the backend's availability and arch logic, and run the CUDA
 kernels' code itself through its host emulation (csrc/cuda/emulate.cu: every block and thread of a
-launch in turn, on CPU tensors) against torch.optim with the shared harness. The ``gpu`` tests run the kernels: the shared equivalence harness
-(full matrix, in test_equivalence.py), a 300-tensor bucket, more param groups than one launch
-takes, misaligned views, a tensor of more than 2^31 elements, CUDA-graph capture, GradScaler with
-an overflow step, and agreement with the Triton backend.
+launch in turn, on CPU tensors) against torch.optim with the shared harness. The ``gpu`` tests run
+the kernels: the shared equivalence harness (full matrix, in test_equivalence.py), a 300-tensor
+bucket, more param groups than one launch takes, misaligned views, a tensor of more than 2^31
+elements, CUDA-graph capture, GradScaler with an overflow step, and agreement with the Triton
+backend.
 """
 
 from __future__ import annotations
