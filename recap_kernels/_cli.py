@@ -82,6 +82,9 @@ def info() -> int:
             ("cpu extension", "yes" if build.get("cpu_extension") else "no"),
             ("cuda extension", "yes" if build.get("cuda_extension") else "no"),
             ("cuda archs", ", ".join(build.get("cuda_archs", [])) or "none"),
+            ("cuda adam order", {"opmath": "torch >= 2.11 fused CUDA Adam (fp32 hyperparameters, FMA moments)",
+                                 "double": "torch < 2.11 fused CUDA Adam (double hyperparameters)"}.get(
+                                     build.get("cuda_adam_order", ""), "n/a")),
             ("built against", f"torch {build['torch']}" if "torch" in build else "unknown"),
             ("notes", "; ".join(build.get("notes", [])) or "none"),
             ("_C", f"loaded from {module.__file__}" if module is not None else f"not loaded: {why_not}"),
