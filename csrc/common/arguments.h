@@ -40,6 +40,47 @@ inline std::vector<int32_t> tensor_groups(at::IntArrayRef group_sizes, int64_t n
   return groups;
 }
 
+// The list checks of fused_adam_ (one tensor per parameter in every list, max_exp_avg_sqs only with
+// amsgrad, one entry per group in every per-group list); returns each tensor's group.
+inline std::vector<int32_t> check_adam_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                             at::TensorList state_steps, at::IntArrayRef group_sizes,
+                                             at::ArrayRef<double> lrs, at::ArrayRef<double> beta1s,
+                                             at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
+                                             at::ArrayRef<double> weight_decays, bool amsgrad) {
+  const size_t n = params.size();
+  check_list_length("grads", grads, n);
+  check_list_length("exp_avgs", exp_avgs, n);
+  check_list_length("exp_avg_sqs", exp_avg_sqs, n);
+  check_list_length("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
+  check_list_length("state_steps", state_steps, n);
+  const size_t num_groups = group_sizes.size();
+  check_group_list("lrs", lrs.size(), num_groups);
+  check_group_list("beta1s", beta1s.size(), num_groups);
+  check_group_list("beta2s", beta2s.size(), num_groups);
+  check_group_list("epss", epss.size(), num_groups);
+  check_group_list("weight_decays", weight_decays.size(), num_groups);
+  return tensor_groups(group_sizes, static_cast<int64_t>(n));
+}
+
+// The list checks of fused_adagrad_, as check_adam_lists.
+inline std::vector<int32_t> check_adagrad_lists(at::TensorList params, at::TensorList grads,
+                                                at::TensorList state_sums, at::TensorList state_steps,
+                                                at::IntArrayRef group_sizes, at::ArrayRef<double> lrs,
+                                                at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
+                                                at::ArrayRef<double> weight_decays) {
+  const size_t n = params.size();
+  check_list_length("grads", grads, n);
+  check_list_length("state_sums", state_sums, n);
+  check_list_length("state_steps", state_steps, n);
+  const size_t num_groups = group_sizes.size();
+  check_group_list("lrs", lrs.size(), num_groups);
+  check_group_list("lr_decays", lr_decays.size(), num_groups);
+  check_group_list("epss", epss.size(), num_groups);
+  check_group_list("weight_decays", weight_decays.size(), num_groups);
+  return tensor_groups(group_sizes, static_cast<int64_t>(n));
+}
+
 // params[i]: on the kernels' device type, one dtype per call (that of params[0]), contiguous.
 inline void check_param(size_t i, const at::Tensor& param, const at::Tensor& first, c10::DeviceType device_type) {
   TORCH_CHECK(param.device().type() == device_type, "params[", i, "] must be a ", c10::DeviceTypeName(device_type),

@@ -22,11 +22,13 @@
 // BoundBucket; the Python side builds one per plan.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <ATen/core/ivalue.h>
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -57,6 +59,30 @@ struct BoundBucket : torch::CustomClassHolder {
   std::vector<at::Tensor> state_steps;
   std::vector<int64_t> group_sizes;
 };
+
+// The *_bucket_ ops: the list op ``ListOp`` of a device (fused_adam_cpu, fused_adam_cuda, ...) on
+// the bucket's lists. Adam's states are exp_avgs, exp_avg_sqs, max_exp_avg_sqs; Adagrad's state_sums.
+template <auto ListOp>
+void fused_adam_bucket(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads, at::ArrayRef<double> lrs,
+                       const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> beta1s,
+                       at::ArrayRef<double> beta2s, at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays,
+                       bool amsgrad, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf) {
+  const auto& states = bucket->states_for("fused_adam_bucket_", 3);
+  ListOp(bucket->params, grads, states[0], states[1], states[2], bucket->state_steps, bucket->group_sizes, lrs,
+         lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad, decoupled, maximize, grad_scale, found_inf);
+}
+
+template <auto ListOp>
+void fused_adagrad_bucket(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
+                          at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                          at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
+                          at::ArrayRef<double> weight_decays, bool maximize,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const auto& states = bucket->states_for("fused_adagrad_bucket_", 1);
+  ListOp(bucket->params, grads, states[0], bucket->state_steps, bucket->group_sizes, lrs, lr_tensors, lr_decays, epss,
+         weight_decays, maximize, grad_scale, found_inf);
+}
 
 // Registers torch.classes.recap_kernels.BoundBucket, once. Called by every static registration
 // that needs the class (ops.cpp's schemas, the kernels' TORCH_LIBRARY_IMPL, whose signatures name

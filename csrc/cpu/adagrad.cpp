@@ -90,15 +90,9 @@ void fused_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
-  check_list_length("grads", grads, n);
-  check_list_length("state_sums", state_sums, n);
-  check_list_length("state_steps", state_steps, n);
   const size_t num_groups = group_sizes.size();
-  check_group_list("lrs", lrs.size(), num_groups);
-  check_group_list("lr_decays", lr_decays.size(), num_groups);
-  check_group_list("epss", epss.size(), num_groups);
-  check_group_list("weight_decays", weight_decays.size(), num_groups);
-  const std::vector<int32_t> tensor_group = tensor_groups(group_sizes, static_cast<int64_t>(n));
+  const std::vector<int32_t> tensor_group =
+      check_adagrad_lists(params, grads, state_sums, state_steps, group_sizes, lrs, lr_decays, epss, weight_decays);
   const std::vector<double> lr_values = group_learning_rates(lrs, lr_tensors);
   const std::optional<float> scale = loss_scale(grad_scale);
   if (n == 0 || step_is_skipped(found_inf)) {
@@ -128,24 +122,12 @@ void fused_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   advance_steps(tensors);
 }
 
-// fused_adagrad_ on a BoundBucket's lists (Note [Bound buckets] in bucket.h): states are state_sums.
-void fused_adagrad_bucket_cpu(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
-                              at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                              at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
-                              at::ArrayRef<double> weight_decays, bool maximize,
-                              const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
-  const auto& states = bucket->states_for("fused_adagrad_bucket_", 1);
-  fused_adagrad_cpu(bucket->params, grads, states[0], bucket->state_steps, bucket->group_sizes, lrs, lr_tensors,
-                    lr_decays, epss, weight_decays, maximize, grad_scale, found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
   m.impl("fused_adagrad_", &fused_adagrad_cpu);
   register_bound_bucket_class();  // its signature names the class
-  m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket_cpu);
+  m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket<&fused_adagrad_cpu>);
 }
 
 }  // namespace recap_kernels::cpu

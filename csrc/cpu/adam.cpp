@@ -125,18 +125,10 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
-  check_list_length("grads", grads, n);
-  check_list_length("exp_avgs", exp_avgs, n);
-  check_list_length("exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
-  check_list_length("state_steps", state_steps, n);
   const size_t num_groups = group_sizes.size();
-  check_group_list("lrs", lrs.size(), num_groups);
-  check_group_list("beta1s", beta1s.size(), num_groups);
-  check_group_list("beta2s", beta2s.size(), num_groups);
-  check_group_list("epss", epss.size(), num_groups);
-  check_group_list("weight_decays", weight_decays.size(), num_groups);
-  const std::vector<int32_t> tensor_group = tensor_groups(group_sizes, static_cast<int64_t>(n));
+  const std::vector<int32_t> tensor_group =
+      check_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lrs, beta1s,
+                       beta2s, epss, weight_decays, amsgrad);
   const std::vector<double> lr_values = group_learning_rates(lrs, lr_tensors);
   const std::optional<float> scale = loss_scale(grad_scale);
   if (n == 0 || step_is_skipped(found_inf)) {
@@ -178,25 +170,12 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   advance_steps(tensors);
 }
 
-// fused_adam_ on a BoundBucket's lists (Note [Bound buckets] in bucket.h): states are exp_avgs,
-// exp_avg_sqs, max_exp_avg_sqs.
-void fused_adam_bucket_cpu(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
-                           at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                           at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
-                           at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
-                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto& states = bucket->states_for("fused_adam_bucket_", 3);
-  fused_adam_cpu(bucket->params, grads, states[0], states[1], states[2], bucket->state_steps, bucket->group_sizes,
-                 lrs, lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad, decoupled, maximize, grad_scale,
-                 found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
   m.impl("fused_adam_", &fused_adam_cpu);
   register_bound_bucket_class();  // its signature names the class
-  m.impl("fused_adam_bucket_", &fused_adam_bucket_cpu);
+  m.impl("fused_adam_bucket_", &fused_adam_bucket<&fused_adam_cpu>);
 }
 
 }  // namespace recap_kernels::cpu

@@ -32,24 +32,12 @@ void fused_adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                                    epss, weight_decays, maximize, grad_scale, found_inf);
 }
 
-// fused_adagrad_ on a BoundBucket's lists (Note [Bound buckets] in common/bucket.h).
-void fused_adagrad_bucket_cuda(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
-                               at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                               at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
-                               at::ArrayRef<double> weight_decays, bool maximize,
-                               const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf) {
-  const auto& states = bucket->states_for("fused_adagrad_bucket_", 1);
-  fused_adagrad_cuda(bucket->params, grads, states[0], bucket->state_steps, bucket->group_sizes, lrs, lr_tensors,
-                     lr_decays, epss, weight_decays, maximize, grad_scale, found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recap_kernels, CUDA, m) {
   m.impl("fused_adagrad_", &fused_adagrad_cuda);
   register_bound_bucket_class();  // its signature names the class
-  m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket_cuda);
+  m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket<&fused_adagrad_cuda>);
 }
 
 }  // namespace recap_kernels::cuda

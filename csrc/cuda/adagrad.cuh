@@ -107,15 +107,9 @@ void fused_adagrad(at::TensorList params, at::TensorList grads, at::TensorList s
                         at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
-  check_list_length("grads", grads, n);
-  check_list_length("state_sums", state_sums, n);
-  check_list_length("state_steps", state_steps, n);
   const size_t num_groups = group_sizes.size();
-  check_group_list("lrs", lrs.size(), num_groups);
-  check_group_list("lr_decays", lr_decays.size(), num_groups);
-  check_group_list("epss", epss.size(), num_groups);
-  check_group_list("weight_decays", weight_decays.size(), num_groups);
-  const std::vector<int32_t> tensor_group = tensor_groups(group_sizes, static_cast<int64_t>(n));
+  const std::vector<int32_t> tensor_group =
+      check_adagrad_lists(params, grads, state_sums, state_steps, group_sizes, lrs, lr_decays, epss, weight_decays);
   if (n == 0) {
     return;
   }

@@ -35,24 +35,12 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                              found_inf);
 }
 
-// fused_adam_ on a BoundBucket's lists (Note [Bound buckets] in common/bucket.h).
-void fused_adam_bucket_cuda(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
-                            at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                            at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
-                            at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto& states = bucket->states_for("fused_adam_bucket_", 3);
-  fused_adam_cuda(bucket->params, grads, states[0], states[1], states[2], bucket->state_steps, bucket->group_sizes,
-                  lrs, lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad, decoupled, maximize, grad_scale,
-                  found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recap_kernels, CUDA, m) {
   m.impl("fused_adam_", &fused_adam_cuda);
   register_bound_bucket_class();  // its signature names the class
-  m.impl("fused_adam_bucket_", &fused_adam_bucket_cuda);
+  m.impl("fused_adam_bucket_", &fused_adam_bucket<&fused_adam_cuda>);
 }
 
 }  // namespace recap_kernels::cuda

@@ -133,18 +133,10 @@ void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
-  check_list_length("grads", grads, n);
-  check_list_length("exp_avgs", exp_avgs, n);
-  check_list_length("exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
-  check_list_length("state_steps", state_steps, n);
   const size_t num_groups = group_sizes.size();
-  check_group_list("lrs", lrs.size(), num_groups);
-  check_group_list("beta1s", beta1s.size(), num_groups);
-  check_group_list("beta2s", beta2s.size(), num_groups);
-  check_group_list("epss", epss.size(), num_groups);
-  check_group_list("weight_decays", weight_decays.size(), num_groups);
-  const std::vector<int32_t> tensor_group = tensor_groups(group_sizes, static_cast<int64_t>(n));
+  const std::vector<int32_t> tensor_group =
+      check_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lrs, beta1s,
+                       beta2s, epss, weight_decays, amsgrad);
   if (n == 0) {
     return;
   }
