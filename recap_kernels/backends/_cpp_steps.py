@@ -63,7 +63,16 @@ def _binding() -> bool:
     return bind_buckets and not torch.compiler.is_compiling()
 
 
+def _on_device(bucket: Bucket, *tensors):
+    """GradScaler's grad_scale / found_inf where the bucket's kernels read them: a scaler serves every
+    device of a model from one, so buckets on the others get an asynchronous copy (no host sync), as
+    torch's fused optimizers do."""
+    device = bucket.params[0].device
+    return [t if t is None or t.device == device else t.to(device, non_blocking=True) for t in tensors]
+
+
 def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+    grad_scale, found_inf = _on_device(bucket, grad_scale, found_inf)
 
     def switches(group):
         return group["amsgrad"], group["decoupled_weight_decay"], group["maximize"]
@@ -86,6 +95,7 @@ def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
 
 
 def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+    grad_scale, found_inf = _on_device(bucket, grad_scale, found_inf)
     bind = _binding()
     for (maximize,), groups, sizes, part in bucket.runs(lambda group: (group["maximize"],)):
         lrs, lr_tensors = _lrs(groups)
