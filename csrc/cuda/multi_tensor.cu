@@ -68,13 +68,13 @@ std::vector<LearningRate> learning_rates(at::ArrayRef<double> lrs,
       continue;
     }
     check_lr_tensor(g, *lr);
-    if (lr->is_cpu()) {
-      rates[g].value = lr->item<double>();
+    if (lr->device() != device) {
+      TORCH_CHECK(lr->is_cpu(), "lr_tensors[", g, "] is on ", lr->device(), ", the parameters on ", device,
+                  ": a Tensor lr must be on the CPU or on the parameters' device");
+      rates[g].value = lr->item<double>();  // a host read, no device sync
       continue;
     }
-    TORCH_CHECK(lr->device() == device, "lr_tensors[", g, "] is on ", lr->device(), ", the parameters on ", device,
-                ": a Tensor lr must be on the CPU or on the parameters' device");
-    at::Tensor value = *lr;
+    at::Tensor value = *lr;  // read by the kernel (and, in the host emulation, by the host)
     if (value.scalar_type() != at::kFloat && value.scalar_type() != at::kDouble) {
       value = value.to(at::kDouble);
       keep_alive.push_back(value);
@@ -189,6 +189,8 @@ struct CacheEntry {
 // Least recently used first out; entries a captured graph reads are never evicted.
 class TableCache {
  public:
+  // A hit on another stream than the upload's assumes that stream is ordered after it, as any
+  // tensor handed between streams must be (CUDA-graph capture synchronizes the device first).
   const int64_t* get(const std::vector<int64_t>& words, const at::Device& device, c10::cuda::CUDAStream stream) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));

@@ -174,8 +174,8 @@ struct Gathered {
 Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps,
                 c10::DeviceType device_type);
 
-// Each group's learning rate: the float, a CPU Tensor lr's value (a host read, no device sync), or
-// a CUDA Tensor lr read by the kernel. A Tensor lr of another dtype than float32/float64 is
+// Each group's learning rate: the float, a Tensor lr on the parameters' device (read by the kernel),
+// or a CPU Tensor lr's value for CUDA parameters (a host read, no device sync). A Tensor lr of another dtype than float32/float64 is
 // converted on the device into ``keep_alive``, which must outlive the launches.
 std::vector<LearningRate> learning_rates(at::ArrayRef<double> lrs,
                                          const c10::List<std::optional<at::Tensor>>& lr_tensors,
