@@ -324,6 +324,44 @@ def test_300_tensor_bucket_matches_torch(options, dtype):
     assert opt.backends_used() == {"cuda"}
 
 
+def _kernel_launches(fn) -> dict[str, int]:
+    """CUDA kernels ``fn`` launches, by name, from the profiler's trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            for kernel in ("adam_kernel", "adagrad_kernel", "advance_steps_kernel", "write_words_kernel"):
+                if kernel in event.name:
+                    counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("family,kernel", [("AdamW", "adam_kernel"), ("Adagrad", "adagrad_kernel")])
+def test_a_step_of_300_tensors_in_11_groups_is_two_launches_and_uploads_nothing(family, kernel):
+    """One update launch and one step-counter launch per step; the table is uploaded on the first
+    step only, and again only when a gradient's address changes."""
+    params = [p.requires_grad_() for p in make_params(TOWER_SHAPES, torch.float32, "cuda")]
+    opt = getattr(optim, family)([{"params": params[i::11], "lr": 1e-3 * (i + 1)} for i in range(11)],
+                                 backend="cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    first = _kernel_launches(opt.step)
+    assert first[kernel] == 1 and first["advance_steps_kernel"] == 1 and first.get("write_words_kernel", 0) >= 1
+    for group in opt.param_groups:  # a scheduler's new learning rates travel as kernel arguments
+        group["lr"] *= 0.5
+    again = _kernel_launches(opt.step)
+    assert again == {kernel: 1, "advance_steps_kernel": 1}, again
+    params[5].grad = params[5].grad.clone()  # a new address: the table is uploaded again
+    moved = _kernel_launches(opt.step)
+    assert moved[kernel] == 1 and moved.get("write_words_kernel", 0) >= 1
+
+
 @pytest.mark.gpu
 @needs_cuda_backend
 @pytest.mark.parametrize("family", ["Adam", "Adagrad"])
