@@ -10,15 +10,22 @@ many steps, which holds only when the fp32 arithmetic follows theirs operation f
 fused kernel differs per device and, on CUDA, per torch version, so the Adam kernel takes the order
 as a constexpr (``ORDER``, picked by ``multi_tensor.torch_cuda_order``):
 
-* ``CPU_ORDER``: torch's FusedAdamKernel.cpp. float math with the double hyperparameters rounded
-  to float once; ``exp_avg.lerp_`` as a fused multiply-add.
+* ``CPU_ORDER``: torch's FusedAdamKernel.cpp / FusedAdagradKernel.cpp as compiled (the spec is
+  csrc/include/recap_kernels/adam_math.h and adagrad_math.h). float math with the double
+  hyperparameters rounded to float once; FMAs exactly where g++ contracts torch's vector code:
+  ``exp_avg.lerp_`` (torch's vectorized lerp), the second moment, L2 weight decay and Adagrad's
+  ``sum + g * g``.
 * ``CUDA_DOUBLE_ORDER``: torch's fused_adam_utils.cuh before torch 2.11. The hyperparameters stay
-  double, so every step mixing them with float values is computed in fp64 and rounded once.
+  double, so every step mixing them with float values is computed in fp64 and rounded once; nvcc's
+  contractions (weight decay, the moments) are fp64 FMAs.
 * ``CUDA_OPMATH_ORDER``: the same file since torch 2.11 (pytorch/pytorch#173224). Hyperparameters
   rounded to the math dtype, bias corrections with ``powf``, the moments as
-  ``fma(beta, m, fma(-beta, g, g))``, and nvcc's contractions spelled out as FMAs. Division and
-  square root are IEEE (``div_rn``/``sqrt_rn``), as nvcc compiles them; Triton's ``/`` and
-  ``tl.sqrt`` on fp32 are approximations on the GPU.
+  ``fma(beta, m, fma(-beta, g, g))``, and nvcc's contractions spelled out as FMAs.
+
+In every order, fp32 division and square root are IEEE (``_div_rn``/``_sqrt_rn``), as torch's
+kernels compute them: Triton's ``/`` and ``tl.sqrt`` on fp32 are approximations on the GPU. And the
+kernels are launched with ``enable_fp_fusion=False``: Triton would otherwise contract any
+``a * b + c`` into an FMA where torch rounds twice, so every FMA here is an explicit :func:`_fma`.
 """
 
 import triton
@@ -27,6 +34,9 @@ import triton.language as tl
 CPU_ORDER = tl.constexpr(0)
 CUDA_DOUBLE_ORDER = tl.constexpr(1)
 CUDA_OPMATH_ORDER = tl.constexpr(2)
+
+# Read when the kernels are decorated, as triton.jit reads it to pick the interpreter.
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 @triton.jit
@@ -37,18 +47,17 @@ def _pow_scalar(base, exponent):
 
 @triton.jit
 def _fma(a, b, c):
-    """``a * b + c`` rounded once, in ``c``'s dtype (C's ``fma``).
+    """``a * b + c`` rounded once, in ``c``'s dtype (C's ``fma``): ``fma.rn`` on the GPU.
 
-    fp64: ``tl.fma`` (fused on the GPU; the interpreter rounds twice). fp32: computed in fp64, where
-    the product of two fp32 values is exact, and rounded to fp32, which works the same in the
-    interpreter (it has no fused fp32 FMA). That is the GPU's ``fma.rn.f32`` except in the rare
-    case where the sum, rounded to fp64, lands exactly halfway between two fp32 values and the
-    second rounding then goes the other way (double rounding).
+    The interpreter's ``tl.fma`` rounds the product first. There, an fp32 FMA is computed in fp64,
+    where the product of two fp32 values is exact, and rounded to fp32: ``fma.rn.f32`` except in
+    the rare case where the sum, rounded to fp64, lands exactly halfway between two fp32 values and
+    the second rounding then goes the other way. fp64 FMAs round twice in the interpreter.
     """
-    if c.dtype == tl.float64:
-        return tl.fma(a, b, c)
-    else:
+    if _INTERPRETED and c.dtype == tl.float32:
         return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
 
 
 @triton.jit
@@ -89,7 +98,7 @@ def _unscale(g, grad_scale, ORDER: tl.constexpr):
     elif ORDER == CUDA_OPMATH_ORDER:
         return _div_rn(g, grad_scale.to(g.dtype))
     else:
-        return g / grad_scale.to(g.dtype)
+        return _div_rn(g, grad_scale.to(g.dtype))
 
 
 @triton.jit
@@ -100,7 +109,8 @@ def _adam_scalars(lr, beta1, beta2, eps, weight_decay, step, MATH_DTYPE: tl.cons
     weight_decay, decay)``, rounded as torch's fused kernel of the order (Note [Operation orders]):
 
     * CPU order: computed in double and rounded to the math dtype once; ``decay`` is
-      ``1 - lr * weight_decay``.
+      ``1 - lr * weight_decay``. ``one_minus_beta1`` is torch's lerp weight (see
+      :func:`_adam_math_cpu_or_cuda_double`).
     * CUDA double order: the hyperparameters stay fp64; ``decay`` is ``lr * weight_decay``.
     * CUDA opmath order: the hyperparameters rounded to the math dtype first and everything computed
       in it; ``decay`` is ``lr * weight_decay``; the ``one_minus_beta`` are unused.
@@ -121,7 +131,7 @@ def _adam_scalars(lr, beta1, beta2, eps, weight_decay, step, MATH_DTYPE: tl.cons
         # Computed in double; torch's CUDA kernel holds them in opmath.
         bias_correction1 = (1.0 - _pow_scalar(beta1, step)).to(MATH_DTYPE)
         bias_correction2 = (1.0 - _pow_scalar(beta2, step)).to(MATH_DTYPE)
-        scalars = ((lr / bias_correction1.to(tl.float64)).to(MATH_DTYPE), tl.sqrt(bias_correction2), beta1, beta2,
+        scalars = ((lr / bias_correction1.to(tl.float64)).to(MATH_DTYPE), _sqrt_rn(bias_correction2), beta1, beta2,
                    1.0 - beta1, 1.0 - beta2, eps, weight_decay, lr * weight_decay)
     else:
         bias_correction1 = 1.0 - _pow_scalar(beta1, step)
@@ -168,30 +178,34 @@ def _adam_math_cpu_or_cuda_double(
     if ORDER == CUDA_DOUBLE_ORDER:
         if weight_decay != 0:  # skipped, not multiplied by zero: inf/nan parameters behave as in torch
             if DECOUPLED:
-                p = (p.to(tl.float64) - decay * p.to(tl.float64)).to(dtype)
+                p = _fma(-decay, p.to(tl.float64), p.to(tl.float64)).to(dtype)  # param -= lr * wd * param
             else:
-                g = (g.to(tl.float64) + p.to(tl.float64) * weight_decay).to(dtype)
-        m = (beta1 * m.to(tl.float64) + one_minus_beta1 * g.to(tl.float64)).to(dtype)
-        v = (beta2 * v.to(tl.float64) + one_minus_beta2 * g.to(tl.float64) * g.to(tl.float64)).to(dtype)
+                g = _fma(p.to(tl.float64), weight_decay, g.to(tl.float64)).to(dtype)  # grad += param * wd
+        m = _fma(beta1, m.to(tl.float64), one_minus_beta1 * g.to(tl.float64)).to(dtype)
+        v = _fma(beta2, v.to(tl.float64), one_minus_beta2 * g.to(tl.float64) * g.to(tl.float64)).to(dtype)
     else:
         if weight_decay != 0:
             if DECOUPLED:
                 p = p * decay
             else:
-                g = g + weight_decay * p
-        # exp_avg.lerp_(g, 1 - beta1) as a fused multiply-add: in fp64, rounded once (see _fma)
-        m = (one_minus_beta1.to(tl.float64) * (g - m).to(tl.float64) + m.to(tl.float64)).to(dtype)
-        v = v * beta2 + one_minus_beta2 * g * g
+                g = _fma(p, weight_decay, g)
+        # exp_avg.lerp_(g, w) as torch's vectorized lerp: fma(w, g - m, m) for |w| < 0.5, else
+        # fma(w - 1, g - m, g), the weight tested and w - 1 formed in the math dtype.
+        small = (one_minus_beta1 < 0.5) & (one_minus_beta1 > -0.5)
+        lerp_weight = tl.where(small, one_minus_beta1, one_minus_beta1 - 1.0)
+        m = _fma(lerp_weight, g - m, tl.where(small, m, g))
+        v = _fma(one_minus_beta2 * g, g, v * beta2)
     if AMSGRAD:
         v_max = tl.maximum(v_max, v)
-        denom = tl.sqrt(v_max) / bias_correction2_sqrt
+        second_moment = v_max
     else:
-        denom = tl.sqrt(v) / bias_correction2_sqrt
+        second_moment = v
+    denom = _div_rn(_sqrt_rn(second_moment), bias_correction2_sqrt)
     if ORDER == CUDA_DOUBLE_ORDER:
         denom = (denom.to(tl.float64) + eps).to(dtype)
     else:
         denom = denom + eps
-    p = p - step_size * m / denom
+    p = p - _div_rn(step_size * m, denom)
     return p, m, v, v_max
 
 
@@ -222,16 +236,17 @@ def _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE: tl.constexpr):
     """One Adagrad update with ``clr = lr / (1 + (step - 1) * lr_decay)``. Returns ``(p, acc)``.
 
     Always in torch's CPU fused order (float math, ``clr``, ``eps`` and ``weight_decay`` rounded to
-    float once), on every device: torch has no fused CUDA Adagrad, so its fused CPU kernel is the
-    low-precision reference everywhere (our CUDA C++ Adagrad follows it too).
+    float once; the FMAs of adagrad_math.h), on every device: torch has no fused CUDA Adagrad, so
+    its fused CPU kernel is the low-precision reference everywhere (our CUDA C++ Adagrad follows it
+    too).
     """
     dtype = p.dtype
     if MAXIMIZE:
         g = -g
     if weight_decay != 0:
-        g = g + weight_decay.to(dtype) * p
-    acc = acc + g * g
-    p = p - clr.to(dtype) * (g / (tl.sqrt(acc) + eps.to(dtype)))
+        g = _fma(p, weight_decay.to(dtype), g)
+    acc = _fma(g, g, acc)
+    p = p - _div_rn(clr.to(dtype) * g, _sqrt_rn(acc) + eps.to(dtype))
     return p, acc
 
 

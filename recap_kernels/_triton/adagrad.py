@@ -70,5 +70,6 @@ def adagrad_launch(table: TensorTable, *, dtype, math_dtype, maximize: bool, gra
             DTYPE=dtype, MATH_DTYPE=math_dtype, MAXIMIZE=maximize,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
+            enable_fp_fusion=False,  # only the FMAs _math spells out (Note [Operation orders])
         )
     increment_steps(table, 3, found_inf)
