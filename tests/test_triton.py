@@ -374,3 +374,117 @@ def test_compiled_step_has_no_graph_breaks_and_no_recompiles_when_lr_changes(fam
             for o in (ref, opt):
                 o.param_groups[0]["lr"].fill_(0.01 / (i + 2))  # what a scheduler does to a Tensor lr
     assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["adam-wd-amsgrad", "adamw", "adam-lerp-from-grad", "adagrad-wd-maximize-amp"])
+def test_cpu_order_is_torch_fused_cpu_bit_for_bit(case, dtype):
+    """The CPU order (the FMAs of adam_math.h / adagrad_math.h) gives torch's fused CPU bits.
+
+    Adam runs in that order on the CPU only; Adagrad on every device, against torch's CPU kernel.
+    ``betas=(0.4, ...)`` takes torch's lerp branch for weights >= 0.5.
+    """
+    family, kwargs = {
+        "adam-wd-amsgrad": ("adam", {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True}),
+        "adamw": ("adamw", {"lr": 1e-2, "weight_decay": 0.1, "maximize": True}),
+        "adam-lerp-from-grad": ("adam", {"lr": 1e-2, "betas": (0.4, 0.95), "weight_decay": 0.02}),
+        "adagrad-wd-maximize-amp": ("adagrad", {"lr": 0.05, "lr_decay": 0.01, "weight_decay": 0.1,
+                                                "maximize": True}),
+    }[case]
+    if family != "adagrad" and DEVICE == "cuda":
+        pytest.skip("on CUDA, Adam follows torch's CUDA order")
+    ref_cls, cls = (torch.optim.Adam, optim.Adam) if family == "adam" else (
+        (torch.optim.AdamW, optim.AdamW) if family == "adamw" else (torch.optim.Adagrad, optim.Adagrad))
+    init = make_params([(4099,), (3,)], dtype, "cpu", seed=4)
+    ref_params = [p.clone().requires_grad_() for p in init]
+    params = [p.to(DEVICE, copy=True).requires_grad_() for p in init]
+    ref, opt = ref_cls(ref_params, fused=True, **kwargs), cls(params, backend="triton", **kwargs)
+    amp = case.endswith("amp")
+    scale = torch.tensor(256.0)
+    for step_grads in make_grads(init + [init[0]], 8):
+        for o, ps, device in ((ref, ref_params, "cpu"), (opt, params, DEVICE)):
+            for p, g in zip(ps, step_grads):
+                p.grad = None if g is None else (g * scale if amp else g).to(device)
+            if amp:
+                o.grad_scale, o.found_inf = scale.to(device), torch.tensor(0.0, device=device)
+            o.step()
+    for r, p in zip(ref_params, params):
+        assert torch.equal(p.detach().cpu(), r.detach())
+        for key, value in ref.state[r].items():
+            if key != "step":
+                assert torch.equal(opt.state[p][key].cpu(), value), key
+
+
+# Compiled for sm_90 in a process without the interpreter (no GPU needed). One and two elements per
+# thread: the difference is one element's update, apart from the per-tensor scalars (whose fp64
+# pow comes from libdevice, FMAs included).
+_PTX_SCRIPT = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from recap_kernels._triton.adagrad import _adagrad_kernel
+from recap_kernels._triton.adam import _adam_kernel
+
+SIG = {"ptrs": "*i64", "numel_ptr": "*i64", "tensor_group_ptr": "*i32", "chunk_tensor_ptr": "*i32",
+       "chunk_start_ptr": "*i64", "hyper_ptr": "*fp64", "lr_addr_ptr": "*i64", "grad_scale_ptr": "*fp32",
+       "found_inf_ptr": "*fp32", "num_tensors": "i32", "num_groups": "i32"}
+OPS = ("fma.rn.f32", "fma.rn.f64", "div.rn.f32", "sqrt.rn.f32", "div.full", "div.approx", "sqrt.approx",
+       "mul.f32", "add.f32", "sub.f32")
+
+def counts(kernel, constexprs, block):
+    constexprs = {**constexprs, "CHUNK_SIZE": block, "BLOCK_SIZE": block, "HAS_GRAD_SCALE": True,
+                  "HAS_FOUND_INF": True, "DTYPE": tl.bfloat16, "MATH_DTYPE": tl.float32, "MAXIMIZE": False}
+    src = triton.compiler.ASTSource(fn=kernel, signature={**SIG, **{k: "constexpr" for k in constexprs}},
+                                    constexprs=constexprs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
+    ops = [line.split()[0] for line in ptx.splitlines() if line.strip() and not line.strip().startswith("//")]
+    return {op: sum(o.startswith(op) for o in ops) for op in OPS}
+
+out = {}
+for name, kernel, constexprs in [
+    ("adam-0", _adam_kernel, {"ORDER": 0, "AMSGRAD": True, "DECOUPLED": False}),
+    ("adamw-0", _adam_kernel, {"ORDER": 0, "AMSGRAD": True, "DECOUPLED": True}),
+    ("adam-1", _adam_kernel, {"ORDER": 1, "AMSGRAD": True, "DECOUPLED": False}),
+    ("adamw-1", _adam_kernel, {"ORDER": 1, "AMSGRAD": True, "DECOUPLED": True}),
+    ("adam-2", _adam_kernel, {"ORDER": 2, "AMSGRAD": True, "DECOUPLED": False}),
+    ("adamw-2", _adam_kernel, {"ORDER": 2, "AMSGRAD": True, "DECOUPLED": True}),
+    ("adagrad", _adagrad_kernel, {}),
+]:
+    one, two = counts(kernel, constexprs, 128), counts(kernel, constexprs, 256)
+    out[name] = {"per_element": {op: two[op] - one[op] for op in OPS}, "kernel": one}
+print(json.dumps(out))
+"""
+
+
+def test_sm90_ptx_has_ieee_division_and_square_root_and_only_the_orders_fmas():
+    """What the GPU runs: correctly rounded fp32 ``/`` and sqrt, and exactly the FMAs each order spells out.
+
+    Per element, bf16 storage, AMP, weight decay: the orders' FMAs (Note [Operation orders]) are
+    CPU: L2 decay, lerp, second moment; CUDA double: decay, both moments (fp64); CUDA opmath:
+    decay and two per moment; Adagrad: L2 decay and ``sum + g * g``. No plain fp32 ``mul``/``add``
+    either: Triton launched with ``enable_fp_fusion=False`` emits the ``.rn`` forms, which ptxas
+    does not contract.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # imports this checkout's kernels
+    result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, cwd=repo, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    fmas = {"adam-0": (3, 0), "adamw-0": (2, 0), "adam-1": (0, 3), "adamw-1": (0, 3), "adam-2": (5, 0),
+            "adamw-2": (5, 0), "adagrad": (2, 0)}
+    # unscale, sqrt(v) / bias_correction2_sqrt, (step_size * m) / denom; CUDA double unscales in fp64.
+    divisions = {"adam-1": 2, "adamw-1": 2, "adagrad": 2}
+    for name, counts in found.items():
+        per_element, kernel = counts["per_element"], counts["kernel"]
+        assert (per_element["fma.rn.f32"], per_element["fma.rn.f64"]) == fmas[name], (name, per_element)
+        assert per_element["div.rn.f32"] == divisions.get(name, 3), (name, per_element)
+        assert per_element["sqrt.rn.f32"] == 1, (name, per_element)
+        for op in ("div.full", "div.approx", "sqrt.approx", "mul.f32", "add.f32", "sub.f32"):
+            assert kernel[op] == 0, (name, op, kernel)
