@@ -73,3 +73,28 @@ def test_groups_that_differ_in_amsgrad_share_a_bucket(backend):
     for _ in range(5):
         _step([(ref, ref_params), (opt, params)], [torch.randn(p.shape, generator=gen) for p in params])
     assert_optimizer_close(ref, ref_params, opt, params, torch.float32)
+
+
+class _Stream:
+    def __init__(self, capturing: bool):
+        self.capturing = capturing
+
+    def is_capturing(self) -> bool:
+        return self.capturing
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_graph_capture_check_as_torch_where_an_accelerator_is_present(monkeypatch, capturing):
+    """torch's Adam checks a CUDA-graph capture against ``capturable``; Adagrad has no such option
+    and is not checked (its groups have no ``capturable`` key). Simulates a machine with a GPU."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda device=None: _Stream(capturing))
+    p = torch.randn(5, requires_grad=True)
+    p.grad = torch.randn(5)
+    optim.Adagrad([p], backend="torch").step()  # never a KeyError on 'capturable'
+    adam = optim.Adam([p], backend="torch")
+    if capturing:
+        with pytest.raises(RuntimeError, match="capturable is False"):
+            adam.step()
+    else:
+        adam.step()

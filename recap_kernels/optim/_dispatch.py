@@ -99,7 +99,10 @@ class FusedStepMixin:
 
     # -- the step ---------------------------------------------------------------------------------
     def _fused_step(self, closure=None):
-        self._accelerator_graph_capture_health_check()
+        # torch's Adam/AdamW check a CUDA-graph capture against their groups' ``capturable``; Adagrad
+        # has no such option (its groups no key), and torch's Adagrad does not check.
+        if "capturable" in self.defaults:
+            self._accelerator_graph_capture_health_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
