@@ -26,6 +26,7 @@ from tests.reference import (
     make_grads,
     make_params,
     tolerances,
+    torch_cuda_opmath_adam,
     train,
 )
 
@@ -301,6 +302,45 @@ def test_emulated_amp_unscales_in_kernel_and_an_overflow_changes_nothing(emulate
         if g is not None:
             torch.testing.assert_close(p.grad, g)
     assert opt.state[params[0]]["step"].item() == 2
+
+
+OPMATH_CASES = {
+    "adam-amsgrad-wd": {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "amsgrad": True},
+    "adamw-amsgrad-maximize": {"lr": 1e-2, "betas": (0.8, 0.95), "weight_decay": 0.1, "amsgrad": True,
+                               "maximize": True},
+    "adam-lr-tensor-amp": {"lr": torch.tensor(2e-3), "betas": (0.9, 0.999), "eps": 1e-6},
+}
+
+
+@needs_emulation
+@pytest.mark.skipif(_ext.build_info().get("cuda_adam_order") != "opmath", reason="built for torch's double order")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(OPMATH_CASES))
+def test_emulated_cuda_adam_is_torch_fused_cuda_adam_bit_for_bit(emulated_cuda_kernels, case, dtype):
+    """The CUDA Adam's arithmetic against a transcription of torch's fused CUDA kernel
+    (reference.torch_cuda_opmath_adam): the same bits in every state, on the vector path and the
+    tail (4,099 elements), with amsgrad, AdamW, maximize, a Tensor lr and AMP."""
+    kwargs = OPMATH_CASES[case]
+    decoupled, amp = case.startswith("adamw"), case.endswith("amp")
+    (init,) = make_params([(4099,)], torch.float32, seed=3)
+    grads = [step[0] for step in make_grads([init, init], 6)]
+    scale = torch.tensor(1024.0)
+    param = init.to(dtype, copy=True).requires_grad_()
+    opt = (optim.AdamW if decoupled else optim.Adam)([param], backend="cpu", **kwargs)
+    for g in grads:
+        param.grad = (g * scale if amp else g).to(dtype)
+        if amp:
+            opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0)
+        opt.step()
+    defaults = {"eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "maximize": False}
+    expected = torch_cuda_opmath_adam(init, [g * scale if amp else g for g in grads], dtype=dtype,
+                                      decoupled=decoupled, grad_scale=scale if amp else None, **{**defaults, **kwargs})
+    state = opt.state[param]
+    actual = (param.detach(), state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+    for name, got, want in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), actual, expected):
+        if got is not None:
+            assert torch.equal(got, want), f"{name}: {(got.float() - want.float()).abs().max()}"
+    assert emulated_cuda_kernels
 
 
 # ------------------------------------------------------------------------------------------------

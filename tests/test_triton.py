@@ -8,7 +8,14 @@ import torch
 
 from recap_kernels import BackendUnavailableError, available_backends, optim
 from recap_kernels._triton import _math, multi_tensor
-from tests.reference import assert_optimizer_close, make_grads, make_params, roundtrip_state_dict, train
+from tests.reference import (
+    assert_optimizer_close,
+    make_grads,
+    make_params,
+    roundtrip_state_dict,
+    torch_cuda_opmath_adam,
+    train,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not available_backends(DEVICE)["triton"][0],
@@ -261,57 +268,6 @@ def test_torch_cuda_order_follows_the_installed_torch():
     assert multi_tensor.torch_cuda_order(torch.device("cpu")) == _math.CPU_ORDER.value
 
 
-# IEEE fp32 arithmetic, as nvcc compiles it, through fp64: the fp64 result rounds to the correctly
-# rounded fp32 one for division and square root of fp32 values (torch's vectorized CPU sqrt is off
-# by an ulp now and then), and the fp32 product in an FMA is exact.
-def _fma32(a, b, c):
-    return (a.double() * b.double() + c.double()).float()
-
-
-def _div32(a, b):
-    return (a.double() / b.double()).float()
-
-
-def _sqrt32(x):
-    return torch.sqrt(x.double()).float()
-
-
-def _torch_cuda_opmath_adam(param, grads, *, dtype, lr, betas, eps, weight_decay, amsgrad, decoupled, maximize,
-                            grad_scale=None):
-    """torch's fused CUDA Adam since torch 2.11 (``adam_math`` in fused_adam_utils.cuh), line for line.
-
-    fp32 on the CPU, with nvcc's contractions (the weight decays) as FMAs. Returns the final
-    ``(param, exp_avg, exp_avg_sq, max_exp_avg_sq)``, stored in ``dtype`` after every step.
-    """
-    f32 = torch.float32
-    lr, beta1, beta2, eps, weight_decay = (torch.tensor(float(x), dtype=f32) for x in (lr, *betas, eps, weight_decay))
-    p = param.to(dtype)
-    m, v, v_max = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
-    for step, g in enumerate(grads, 1):
-        bias_correction1 = 1 - torch.tensor(beta1.item() ** step).float()  # powf, up to its last ulp
-        bias_correction2_sqrt = _sqrt32(1 - torch.tensor(beta2.item() ** step).float())
-        step_size = _div32(lr, bias_correction1)
-        p32, g32, m32, v32, v_max32 = (t.float() for t in (p, g.to(dtype), m, v, v_max))
-        if grad_scale is not None:
-            g32 = _div32(g32, grad_scale)
-        if maximize:
-            g32 = -g32
-        if weight_decay != 0:
-            if decoupled:
-                p32 = _fma32(-(lr * weight_decay), p32, p32)
-            else:
-                g32 = _fma32(p32, weight_decay, g32)
-        m32 = _fma32(beta1, m32, _fma32(-beta1, g32, g32))
-        g2 = g32 * g32
-        v32 = _fma32(beta2, v32, _fma32(-beta2, g2, g2))
-        if amsgrad:
-            v_max32 = torch.where(v_max32 < v32, v32, v_max32)
-        denom = _div32(_sqrt32(v_max32 if amsgrad else v32), bias_correction2_sqrt) + eps
-        p32 = p32 - _div32(step_size * m32, denom)
-        p, m, v, v_max = (t.to(dtype) for t in (p32, m32, v32, v_max32))
-    return p, m, v, v_max
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["adam-amsgrad-wd", "adamw-amsgrad-maximize", "adam-lr-tensor-amp"])
 def test_cuda_opmath_order_is_torch_adam_math_bit_for_bit(monkeypatch, case, dtype):
@@ -336,7 +292,7 @@ def test_cuda_opmath_order_is_torch_adam_math_bit_for_bit(monkeypatch, case, dty
             opt.grad_scale, opt.found_inf = scale.to(DEVICE), torch.tensor(0.0, device=DEVICE)
         opt.step()
     defaults = {"eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "maximize": False}
-    expected = _torch_cuda_opmath_adam(init, [g * scale if amp else g for g in grads], dtype=dtype,
+    expected = torch_cuda_opmath_adam(init, [g * scale if amp else g for g in grads], dtype=dtype,
                                        decoupled=decoupled, grad_scale=scale if amp else None, **{**defaults, **kwargs})
     state = opt.state[param]
     actual = (param.detach(), state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
