@@ -101,11 +101,11 @@ RK_HOST_DEVICE void adagrad_block(const LaunchTable& table, const AdagradGroups&
 // The op, on ``Launch`` (CudaLaunch or the host emulation's HostLaunch), which also provides
 // ``template <S> adagrad(table, num_blocks, groups, amp, maximize)``.
 template <typename Launch>
-void fused_adagrad(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                        at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lrs,
-                        const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> lr_decays,
-                        at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
-                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+void fused_adagrad(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
+                   at::IntArrayRef group_sizes, at::ArrayRef<double> lrs,
+                   const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> lr_decays,
+                   at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
   const size_t num_groups = group_sizes.size();
   const std::vector<int32_t> tensor_group =
@@ -113,32 +113,21 @@ void fused_adagrad(at::TensorList params, at::TensorList grads, at::TensorList s
   if (n == 0) {
     return;
   }
-  const Gathered gathered =
-      gather({{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, state_steps, Launch::kDeviceType);
-  const at::Device device = params[0].device();
-  const AmpArgs amp{amp_scalar("grad_scale", grad_scale, device), amp_scalar("found_inf", found_inf, device)};
-  std::vector<at::Tensor> keep_alive;
-  const std::vector<LearningRate> rates = learning_rates(lrs, lr_tensors, device, keep_alive);
-
-  Launch launch(device);
-  const HostTables tables =
-      build_tables(gathered.slots, gathered.steps, gathered.numels, tensor_group, static_cast<int32_t>(num_groups));
-  const int64_t* words = launch.tables(tables);
-
+  const PreparedCall call =
+      prepare_call({{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, state_steps,
+                   Launch::kDeviceType, tensor_group, static_cast<int32_t>(num_groups), lrs, lr_tensors, grad_scale,
+                   found_inf);
+  Launch launch(params[0].device());
   dispatch_storage(params[0].scalar_type(), "fused_adagrad_", [&](auto tag) {
     using S = decltype(tag);
-    for (const HostTables::Segment& segment : tables.segments) {
+    run_launches(launch, call, [&](const HostTables::Segment& segment, const LaunchTable& table) {
       AdagradGroups groups{};
       for (int32_t g = 0; g < segment.num_groups; ++g) {
         const size_t k = segment.first_group + g;
-        groups.group[g] = AdagradGroup{rates[k], lr_decays[k], epss[k], weight_decays[k]};
+        groups.group[g] = AdagradGroup{call.rates[k], lr_decays[k], epss[k], weight_decays[k]};
       }
-      const LaunchTable table = launch_table(words, segment);
-      launch.advance(table, segment.num_tensors, amp);
-      if (segment.num_blocks > 0) {
-        launch.template adagrad<S>(table, segment.num_blocks, groups, amp, maximize);
-      }
-    }
+      launch.template adagrad<S>(table, segment.num_blocks, groups, call.amp, maximize);
+    });
   });
 }
 

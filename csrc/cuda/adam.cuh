@@ -145,37 +145,25 @@ void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_
   if (amsgrad) {
     lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   }
-  const Gathered gathered = gather(lists, state_steps, Launch::kDeviceType);
-  const at::Device device = params[0].device();
-  const AmpArgs amp{amp_scalar("grad_scale", grad_scale, device), amp_scalar("found_inf", found_inf, device)};
-  std::vector<at::Tensor> keep_alive;
-  const std::vector<LearningRate> rates = learning_rates(lrs, lr_tensors, device, keep_alive);
-
-  Launch launch(device);
-  const HostTables tables =
-      build_tables(gathered.slots, gathered.steps, gathered.numels, tensor_group, static_cast<int32_t>(num_groups));
-  const int64_t* words = launch.tables(tables);
+  const PreparedCall call = prepare_call(lists, state_steps, Launch::kDeviceType, tensor_group,
+                                         static_cast<int32_t>(num_groups), lrs, lr_tensors, grad_scale, found_inf);
+  Launch launch(params[0].device());
   dispatch_storage(params[0].scalar_type(), "fused_adam_", [&](auto tag) {
     using S = decltype(tag);
-    for (const HostTables::Segment& segment : tables.segments) {
+    run_launches(launch, call, [&](const HostTables::Segment& segment, const LaunchTable& table) {
       AdamGroups groups{};
       for (int32_t g = 0; g < segment.num_groups; ++g) {
         const size_t k = segment.first_group + g;
-        groups.group[g] = AdamGroup{rates[k], beta1s[k], beta2s[k], epss[k], weight_decays[k]};
-      }
-      const LaunchTable table = launch_table(words, segment);
-      launch.advance(table, segment.num_tensors, amp);
-      if (segment.num_blocks == 0) {
-        continue;
+        groups.group[g] = AdamGroup{call.rates[k], beta1s[k], beta2s[k], epss[k], weight_decays[k]};
       }
       if (amsgrad) {
-        decoupled ? launch.template adam<S, true, true>(table, segment.num_blocks, groups, amp, maximize)
-                  : launch.template adam<S, true, false>(table, segment.num_blocks, groups, amp, maximize);
+        decoupled ? launch.template adam<S, true, true>(table, segment.num_blocks, groups, call.amp, maximize)
+                  : launch.template adam<S, true, false>(table, segment.num_blocks, groups, call.amp, maximize);
       } else {
-        decoupled ? launch.template adam<S, false, true>(table, segment.num_blocks, groups, amp, maximize)
-                  : launch.template adam<S, false, false>(table, segment.num_blocks, groups, amp, maximize);
+        decoupled ? launch.template adam<S, false, true>(table, segment.num_blocks, groups, call.amp, maximize)
+                  : launch.template adam<S, false, false>(table, segment.num_blocks, groups, call.amp, maximize);
       }
-    }
+    });
   });
 }
 

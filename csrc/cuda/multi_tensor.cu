@@ -30,7 +30,12 @@ constexpr int64_t kEntryWords = sizeof(TensorEntry) / sizeof(int64_t);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-}  // namespace
+// The tensors of one call, checked and reduced to what the tables hold.
+struct Gathered {
+  std::vector<std::vector<void*>> slots;  // slots[s][i]: list s (params, grads, states...), tensor i
+  std::vector<float*> steps;
+  std::vector<int64_t> numels;
+};
 
 Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps,
                 c10::DeviceType device_type) {
@@ -85,6 +90,7 @@ std::vector<LearningRate> learning_rates(at::ArrayRef<double> lrs,
   return rates;
 }
 
+// Tensors are cut into launches of at most kMaxLaunchGroups groups each.
 HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std::vector<float*>& steps,
                         const std::vector<int64_t>& numels, const std::vector<int32_t>& groups, int32_t num_groups) {
   HostTables tables;
@@ -131,6 +137,22 @@ HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std:
     first = last;
   }
   return tables;
+}
+
+}  // namespace
+
+PreparedCall prepare_call(const std::vector<std::pair<const char*, at::TensorList>>& lists,
+                          at::TensorList state_steps, c10::DeviceType device_type,
+                          const std::vector<int32_t>& tensor_group, int32_t num_groups, at::ArrayRef<double> lrs,
+                          const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const Gathered gathered = gather(lists, state_steps, device_type);
+  const at::Device device = lists.front().second[0].device();
+  PreparedCall call;
+  call.amp = AmpArgs{amp_scalar("grad_scale", grad_scale, device), amp_scalar("found_inf", found_inf, device)};
+  call.rates = learning_rates(lrs, lr_tensors, device, call.keep_alive);
+  call.tables = build_tables(gathered.slots, gathered.steps, gathered.numels, tensor_group, num_groups);
+  return call;
 }
 
 // ------------------------------------------------------------------------------------------------

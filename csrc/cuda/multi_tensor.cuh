@@ -26,6 +26,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "recap_kernels/convert.h"
@@ -162,30 +164,25 @@ struct HostTables {
   std::vector<Segment> segments;
 };
 
-// The tensors of one call, checked (common/arguments.h) and reduced to what the tables hold.
-struct Gathered {
-  std::vector<std::vector<void*>> slots;  // slots[s][i]: list s (params, grads, states...), tensor i
-  std::vector<float*> steps;
-  std::vector<int64_t> numels;
+// What an op call's launches need once its arguments are checked: GradScaler's scalars, each
+// group's learning rate and the tables of the launches.
+struct PreparedCall {
+  AmpArgs amp;
+  // Each group's learning rate: the float, a Tensor lr on the parameters' device (read by the
+  // kernel), or a CPU Tensor lr's value for CUDA parameters (a host read, no device sync).
+  std::vector<LearningRate> rates;
+  std::vector<at::Tensor> keep_alive;  // Tensor lrs of other dtypes than fp32/fp64, converted on the device
+  HostTables tables;                   // tensors cut into launches of at most kMaxLaunchGroups groups
 };
 
-// ``lists`` are the call's tensor lists in slot order, params first; every list has one tensor per
-// parameter (already checked). Checks devices (of ``device_type``), dtypes, sizes and layouts.
-Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps,
-                c10::DeviceType device_type);
-
-// Each group's learning rate: the float, a Tensor lr on the parameters' device (read by the kernel),
-// or a CPU Tensor lr's value for CUDA parameters (a host read, no device sync). A Tensor lr of another dtype than float32/float64 is
-// converted on the device into ``keep_alive``, which must outlive the launches.
-std::vector<LearningRate> learning_rates(at::ArrayRef<double> lrs,
-                                         const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                                         const at::Device& device, std::vector<at::Tensor>& keep_alive);
-
-// Builds the tables: ``slots[s][i]`` is the address of slot s of tensor i, ``groups[i]`` its
-// group. Tensors are cut into launches of at most kMaxLaunchGroups groups each.
-HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std::vector<float*>& steps,
-                        const std::vector<int64_t>& numels, const std::vector<int32_t>& groups,
-                        int32_t num_groups);
+// Checks the tensors of a call (devices of ``device_type``, dtypes, sizes, layouts: common/arguments.h)
+// and prepares its launches. ``lists`` are the call's tensor lists in slot order, params first, each
+// of one tensor per parameter (already checked); ``tensor_group`` is each tensor's group.
+PreparedCall prepare_call(const std::vector<std::pair<const char*, at::TensorList>>& lists,
+                          at::TensorList state_steps, c10::DeviceType device_type,
+                          const std::vector<int32_t>& tensor_group, int32_t num_groups, at::ArrayRef<double> lrs,
+                          const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
 // The device copy of ``tables`` (cached: see Note [Multi-tensor launch]); valid on ``stream``
 // until the tables of a later call with other addresses evict it.
@@ -227,5 +224,19 @@ class CudaLaunch {
   c10::cuda::CUDAGuard guard_;
   c10::cuda::CUDAStream stream_;
 };
+
+// Runs a prepared call's launches in order: each advances its step counters, then, where it has
+// blocks, ``update(segment, table)`` launches the update kernel.
+template <typename Launch, typename Update>
+void run_launches(Launch& launch, const PreparedCall& call, const Update& update) {
+  const int64_t* words = launch.tables(call.tables);
+  for (const HostTables::Segment& segment : call.tables.segments) {
+    const LaunchTable table = launch_table(words, segment);
+    launch.advance(table, segment.num_tensors, call.amp);
+    if (segment.num_blocks > 0) {
+      update(segment, table);
+    }
+  }
+}
 
 }  // namespace recap_kernels::cuda
