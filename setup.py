@@ -107,7 +107,7 @@ def _extensions_and_info():
         "cuda_archs": [],
         "notes": [],
     }
-    cpu_sources = _sources("ops.cpp", "cpu/*.cpp")
+    cpu_sources = _sources("ops.cpp", "common/*.cpp", "cpu/*.cpp")
     cuda_sources = _sources("cuda/*.cu")
     if not build_cpu:
         info["notes"].append("C++ extension skipped (RECAP_KERNELS_BUILD_CPU=0)")

@@ -44,6 +44,16 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def adam_hyper(lrs, beta1s, beta2s, epss, weight_decays) -> list[float]:
+    """The ops' ``hyper`` rows (``lr, beta1, beta2, eps, weight_decay`` per group) from per-field lists."""
+    return [float(x) for row in zip(lrs, beta1s, beta2s, epss, weight_decays) for x in row]
+
+
+def adagrad_hyper(lrs, lr_decays, epss, weight_decays) -> list[float]:
+    """The ops' ``hyper`` rows (``lr, lr_decay, eps, weight_decay`` per group) from per-field lists."""
+    return [float(x) for row in zip(lrs, lr_decays, epss, weight_decays) for x in row]
+
+
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
     """``assert_close`` tolerances: torch's defaults for fp32/fp64, one ulp of the dtype below that."""
     if dtype in LOW_PRECISION:

@@ -53,12 +53,14 @@ def test_kernel_suite_rows(tmp_path, capsys):
     assert main([*args, "--backends", "torch", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())
     assert {(r["workload"], r["optimizer"]) for r in rows} == {
-        (w, o) for w in ("single", "many-small") for o in ("adam", "adagrad")
+        (w, o) for w in ("single", "many-small", "tiny") for o in ("adam", "adagrad")
     }
     assert {r["contender"] for r in rows} == {"torch-single", "torch-foreach", "torch-fused"}
     assert all(r["check"].startswith("OK") and r["gbps"] > 0 and r["roofline_gbps"] > 0 for r in rows)
     many = next(r for r in rows if r["workload"] == "many-small")
     assert many["n_tensors"] == 5000 and many["bytes_per_param"] in (20, 28)
+    tiny = {(r["optimizer"], r["contender"]): r["p50"] for r in rows if r["workload"] == "tiny"}
+    assert all(r["host_ms"] == tiny[r["optimizer"], r["contender"]] for r in rows)  # the host column
     assert "in-place STREAM" in capsys.readouterr().out
 
 

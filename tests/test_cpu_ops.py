@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
 
 from recap_kernels import BackendUnavailableError, available_backends, optim
-from tests.reference import FLOAT_DTYPES, dtype_id
+from tests.reference import FLOAT_DTYPES, adagrad_hyper, adam_hyper, dtype_id
 
 CPU_OK, CPU_WHY = available_backends("cpu")["cpu"]
 pytestmark = pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {CPU_WHY}")
@@ -95,7 +96,7 @@ def test_adam_is_torchs_fused_cpu_kernel_to_the_bit(dtype, amsgrad, weight_decay
     fused(*ref, lr=1e-3, beta1=beta1, beta2=0.999, weight_decay=weight_decay, eps=1e-8, amsgrad=amsgrad,
           maximize=maximize)
     ours = _clone(state)
-    _ops.fused_adam_(*ours, [len(SIZES)], [1e-3], [None], [beta1], [0.999], [1e-8], [weight_decay],
+    _ops.fused_adam_(*ours, [len(SIZES)], adam_hyper([1e-3], [beta1], [0.999], [1e-8], [weight_decay]), [None],
                      amsgrad=amsgrad, decoupled=decoupled, maximize=maximize)
     for name, got, expected in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"), ours, ref):
         _assert_like_torch_fused(got, expected, name)
@@ -115,7 +116,7 @@ def test_adagrad_is_torchs_fused_cpu_kernel_to_the_bit(dtype, weight_decay, maxi
     torch._fused_adagrad_(*ref, lr=0.0123, lr_decay=lr_decay, weight_decay=weight_decay, eps=1e-10,
                           maximize=maximize)
     ours = _clone(state)
-    _ops.fused_adagrad_(*ours, [len(SIZES)], [0.0123], [None], [lr_decay], [1e-10], [weight_decay],
+    _ops.fused_adagrad_(*ours, [len(SIZES)], adagrad_hyper([0.0123], [lr_decay], [1e-10], [weight_decay]), [None],
                         maximize=maximize)
     for name, got, expected in zip(("param", "grad", "sum", "step"), ours, ref):
         _assert_like_torch_fused(got, expected, name)
@@ -132,7 +133,7 @@ def test_amp_unscales_into_the_grads_and_found_inf_skips_everything(dtype):
     torch._fused_adam_(*ref, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
                        maximize=False, grad_scale=grad_scale, found_inf=torch.tensor(0.0))
     ours = _clone(state)
-    hyper = ([len(SIZES)], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0])
+    hyper = ([len(SIZES)], adam_hyper([1e-3], [0.9], [0.999], [1e-8], [0.0]), [None])
     _ops.fused_adam_(*ours, *hyper, amsgrad=False, decoupled=False, maximize=False, grad_scale=grad_scale,
                      found_inf=torch.tensor(0.0))
     for name, got, expected in zip(("param", "grad", "exp_avg", "exp_avg_sq", "-", "step"), ours, ref):
@@ -153,14 +154,14 @@ def test_one_call_spans_groups_with_their_own_hyperparameters_and_tensor_lr():
     beta1s, beta2s, epss, wds = [0.9, 0.8, 0.95], [0.999, 0.99, 0.9], [1e-8, 1e-6, 1e-7], [0.0, 0.1, 0.01]
     state = _adam_state(sizes, torch.float32, True)
     together = _clone(state)
-    _ops.fused_adam_(*together, group_sizes, lrs, lr_tensors, beta1s, beta2s, epss, wds,
+    _ops.fused_adam_(*together, group_sizes, adam_hyper(lrs, beta1s, beta2s, epss, wds), lr_tensors,
                      amsgrad=True, decoupled=True, maximize=False)
     apart = _clone(state)
     start = 0
     for g, size in enumerate(group_sizes):
         span = [tensors[start:start + size] for tensors in apart]
         lr = float(lr_tensors[g]) if lr_tensors[g] is not None else lrs[g]
-        _ops.fused_adam_(*span, [size], [lr], [None], [beta1s[g]], [beta2s[g]], [epss[g]], [wds[g]],
+        _ops.fused_adam_(*span, [size], adam_hyper([lr], [beta1s[g]], [beta2s[g]], [epss[g]], [wds[g]]), [None],
                          amsgrad=True, decoupled=True, maximize=False)
         start += size
     for got, expected in zip(together, apart):
@@ -177,7 +178,7 @@ def test_result_does_not_depend_on_the_thread_split():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             state = _adam_state(sizes, torch.bfloat16, False)
-            _ops.fused_adam_(*state, [len(sizes)], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0],
+            _ops.fused_adam_(*state, [len(sizes)], adam_hyper([1e-3], [0.9], [0.999], [1e-8], [0.0]), [None],
                              amsgrad=False, decoupled=False, maximize=False)
             results.append(state)
     finally:
@@ -189,8 +190,8 @@ def test_result_does_not_depend_on_the_thread_split():
 
 def _small_adam_args(amsgrad=True):
     state = _adam_state((5, 3), torch.float32, amsgrad)
-    return (*state, [1, 1], [1e-3, 0.0], [None, torch.tensor(2e-3)], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6],
-            [0.0, 0.1])
+    return (*state, [1, 1], adam_hyper([1e-3, 0.0], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6], [0.0, 0.1]),
+            [None, torch.tensor(2e-3)])
 
 
 def test_opcheck_fused_adam():
@@ -205,7 +206,7 @@ def test_opcheck_fused_adagrad_and_convert():
     params, grads = _tensors((5, 3), torch.float32, 0), _tensors((5, 3), torch.float32, 1)
     sums = _tensors((5, 3), torch.float32, 2, positive=True)
     steps = [torch.tensor(1.0), torch.tensor(2.0)]
-    args = (params, grads, sums, steps, [2], [0.01], [None], [0.0], [1e-10], [0.1])
+    args = (params, grads, sums, steps, [2], adagrad_hyper([0.01], [0.0], [1e-10], [0.1]), [None])
     torch.library.opcheck(torch.ops.recap_kernels.fused_adagrad_.default, args, {"maximize": False})
     torch.library.opcheck(torch.ops.recap_kernels._convert_.default,
                           (torch.empty(7, dtype=torch.bfloat16), torch.randn(7)))
@@ -214,8 +215,8 @@ def test_opcheck_fused_adagrad_and_convert():
 def test_torch_compile_traces_a_step_through_the_fake_kernel():
     """The op is opaque to Dynamo: a compiled step runs it once and matches the eager step."""
     def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr):
-        _ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, [len(params)], [0.0], [lr], [0.9],
-                         [0.999], [1e-8], [0.01], amsgrad=False, decoupled=True, maximize=False)
+        _ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, [len(params)], [0.0, 0.9, 0.999, 1e-8, 0.01],
+                         [lr], amsgrad=False, decoupled=True, maximize=False)
 
     state = _adam_state((17, 4), torch.float32, False)
     del state[4]
@@ -237,7 +238,9 @@ def test_torch_compile_traces_a_step_through_the_fake_kernel():
     (lambda a: a[0].__setitem__(0, torch.zeros(10)[::2]), "params\\[0\\] must be contiguous"),
     (lambda a: a[5].__setitem__(0, torch.tensor([1.0, 2.0])), "state_steps\\[0\\] must be a one-element float32"),
     (lambda a: a[6].__setitem__(0, 2), "group_sizes add up to 3 tensors, but params has 2"),
-    (lambda a: a[7].pop(), "lrs must have one entry per group"),
+    (lambda a: a[7].pop(), "hyper must have 5 values per group"),
+    (lambda a: a[8].pop(), "lr_tensors must have one entry per group"),
+    (lambda a: a[8].__setitem__(1, torch.tensor([1.0, 2.0])), "lr_tensors\\[1\\] must have one element"),
 ])
 def test_bad_arguments_are_refused_with_the_argument_named(mutate, message):
     args = [list(a) if isinstance(a, list) else a for a in _small_adam_args()]
@@ -311,33 +314,40 @@ def test_without_the_extension_the_backend_says_why():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-# -- bound buckets: the *_bucket_ ops and the backend's BoundBucket per plan (Note [Bound buckets]) ----------------
+# -- bound buckets: gather + step on a BoundBucket, and the backend's BoundBucket per plan (Note [Bound buckets]) ----
 
 
 def _step_grads(sizes, dtype, steps, seed=20):
     return [_tensors(sizes, dtype, seed + k, 0.1) for k in range(steps)]
 
 
+def _set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("amsgrad,decoupled", [(False, False), (True, False), (False, True), (True, True)])
-def test_adam_bucket_op_is_the_list_op_to_the_bit_over_steps(dtype, amsgrad, decoupled):
+def test_adam_bound_bucket_is_the_list_op_to_the_bit_over_steps(dtype, amsgrad, decoupled):
     """Same object, new gradients each step (one a found_inf skip, one unscaled): the list op's results."""
     sizes = (5, 40, 3, 700, 1, 0, 64, 9)
     group_sizes = [2, 4, 2]
-    hyper = ([1e-3, 0.0, 3e-3], [None, torch.tensor(2e-3), None], [0.9, 0.8, 0.95], [0.999, 0.99, 0.9],
-             [1e-8, 1e-6, 1e-7], [0.0, 0.1, 0.01])
+    hyper = adam_hyper([1e-3, 0.0, 3e-3], [0.9, 0.8, 0.95], [0.999, 0.99, 0.9], [1e-8, 1e-6, 1e-7], [0.0, 0.1, 0.01])
+    lr_tensors = [None, torch.tensor(2e-3), None]
     state = _adam_state(sizes, dtype, amsgrad)
     listed, bound_state = _clone(state), _clone(state)
     params, _, exp_avgs, exp_avg_sqs, maxima, steps = bound_state
-    bucket = _ops.bound_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, group_sizes)
+    bucket = _ops.bound_bucket(params, [exp_avgs, exp_avg_sqs] + ([maxima] if amsgrad else []), steps, group_sizes)
     assert len(bucket) == len(sizes)
-    amp = {1: {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(1.0)},
-           2: {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(0.0)}}
-    flags = {"amsgrad": amsgrad, "decoupled": decoupled, "maximize": False}
+    amp = {1: (torch.tensor(4.0), torch.tensor(1.0)), 2: (torch.tensor(4.0), torch.tensor(0.0))}
     for k, grads in enumerate(_step_grads(sizes, dtype, 4)):
         listed[1], bound_grads = [g.clone() for g in grads], [g.clone() for g in grads]
-        _ops.fused_adam_(*listed, group_sizes, *hyper, **flags, **amp.get(k, {}))
-        _ops.fused_adam_bucket_(bucket, bound_grads, *hyper, **flags, **amp.get(k, {}))
+        grad_scale, found_inf = amp.get(k, (None, None))
+        _ops.fused_adam_(*listed, group_sizes, hyper, lr_tensors, amsgrad=amsgrad, decoupled=decoupled,
+                         maximize=False, grad_scale=grad_scale, found_inf=found_inf)
+        _set_grads(params, bound_grads)
+        assert bucket.gather() == 0, bucket.change()
+        bucket.adam_step(hyper, lr_tensors, amsgrad, decoupled, False, grad_scale, found_inf)
         bound_state[1] = bound_grads
         for name, got, expected in zip(("params", "grads", "exp_avgs", "exp_avg_sqs", "maxima", "steps"),
                                        bound_state, listed):
@@ -345,10 +355,10 @@ def test_adam_bucket_op_is_the_list_op_to_the_bit_over_steps(dtype, amsgrad, dec
     assert [s.item() for s in steps] == [3.0 + i + 3 for i in range(len(sizes))]  # 4 steps, one skipped
 
 
-def test_adagrad_bucket_op_is_the_list_op_to_the_bit_over_steps():
+def test_adagrad_bound_bucket_is_the_list_op_to_the_bit_over_steps():
     sizes = (5, 40, 3, 700, 1, 64)
     group_sizes = [3, 3]
-    hyper = ([1e-2, 3e-2], [None, None], [0.0, 0.01], [1e-10, 1e-8], [0.0, 0.1])
+    hyper = adagrad_hyper([1e-2, 3e-2], [0.0, 0.01], [1e-10, 1e-8], [0.0, 0.1])
     init = [_tensors(sizes, torch.float32, 0), None, _tensors(sizes, torch.float32, 2, positive=True),
             [torch.tensor(float(i)) for i in range(len(sizes))]]
     listed = [[t.clone() for t in ts] if ts else ts for ts in init]
@@ -357,26 +367,79 @@ def test_adagrad_bucket_op_is_the_list_op_to_the_bit_over_steps():
     for k, grads in enumerate(_step_grads(sizes, torch.float32, 4)):
         amp = {"grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(float(k == 2))}
         listed[1], ours[1] = [g.clone() for g in grads], [g.clone() for g in grads]
-        _ops.fused_adagrad_(*listed, group_sizes, *hyper, maximize=k == 3, **amp)
-        _ops.fused_adagrad_bucket_(bucket, ours[1], *hyper, maximize=k == 3, **amp)
+        _ops.fused_adagrad_(*listed, group_sizes, hyper, [None, None], maximize=k == 3, **amp)
+        _set_grads(ours[0], ours[1])
+        assert bucket.gather() == 0, bucket.change()
+        bucket.adagrad_step(hyper, [None, None], k == 3, amp["grad_scale"], amp["found_inf"])
         for got, expected in zip(ours, listed):
             _assert_bitwise(got, expected, f"adagrad step {k}")
 
 
-def test_bucket_ops_check_what_the_list_ops_check():
-    args = _small_adam_args()
-    params, grads, exp_avgs, exp_avg_sqs, maxima, steps, sizes, *hyper = args
-    bucket = _ops.bound_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, sizes)
-    flags = {"amsgrad": True, "decoupled": False, "maximize": False}
-    with pytest.raises(RuntimeError, match="grads must have one tensor per parameter"):
-        _ops.fused_adam_bucket_(bucket, grads[:1], *hyper, **flags)
-    with pytest.raises(RuntimeError, match="grads\\[1\\] has 4 elements"):
-        _ops.fused_adam_bucket_(bucket, [grads[0], torch.zeros(4)], *hyper, **flags)
-    with pytest.raises(RuntimeError, match="max_exp_avg_sqs must have one tensor per parameter \\(0\\)"):
-        _ops.fused_adam_bucket_(bucket, grads, *hyper, **{**flags, "amsgrad": False})
-    with pytest.raises(RuntimeError, match="fused_adagrad_bucket_ takes a BoundBucket with 1 state lists, got 3"):
-        _ops.fused_adagrad_bucket_(bucket, grads, [1e-2, 1e-2], [None, None], [0.0, 0.0], [1e-10, 1e-10],
-                                   [0.0, 0.0], maximize=False)
+def _small_bucket():
+    params, grads, exp_avgs, exp_avg_sqs, maxima, steps, sizes, hyper, lr_tensors = _small_adam_args()
+    _set_grads(params, grads)
+    return _ops.bound_bucket(params, [exp_avgs, exp_avg_sqs, maxima], steps, sizes), params, (exp_avgs, exp_avg_sqs,
+                                                                                            maxima, steps)
+
+
+CHANGES = {
+    "gradient gone": (lambda ps, st: setattr(ps[1], "grad", None), r"params\[1\]: the parameter has no gradient"),
+    "gradient dtype": (lambda ps, st: setattr(ps[0].grad, "data", ps[0].grad.double()), "gradient"),
+    "gradient shape": (lambda ps, st: setattr(ps[0].grad, "data", ps[0].grad.view(5, 1)), "gradient"),
+    "gradient strided": (lambda ps, st: setattr(ps[0], "grad", torch.randn(10)[::2]), "gradient"),
+    "parameter storage": (lambda ps, st: setattr(ps[1], "data", ps[1].data.clone()), r"params\[1\]: the parameter"),
+    "parameter dtype": (lambda ps, st: setattr(ps[0], "data", ps[0].data.double()), "the parameter"),
+    "state storage": (lambda ps, st: setattr(st[0][1], "data", st[0][1].clone()), "a state tensor"),
+    "state resized": (lambda ps, st: st[2][0].resize_(7), "a state tensor"),
+    "step storage": (lambda ps, st: setattr(st[3][0], "data", torch.zeros(())), "the step counter"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_gather_reports_every_change_and_writes_nothing(change):
+    bucket, params, state = _small_bucket()
+    assert bucket.gather() == 0
+    mutate, message = CHANGES[change]
+    mutate(params, state)
+    before = [t.clone() for t in (*params, *state[0], *state[1], *state[3])]
+    code = bucket.gather()
+    assert code != 0
+    assert re.search(message, bucket.change()), bucket.change()
+    with pytest.raises(RuntimeError, match="needs a successful gather"):
+        bucket.adam_step(*_small_adam_args()[7:9], True, False, False, None, None)
+    after = [t for t in (*params, *state[0], *state[1], *state[3])]
+    for a, b in zip(before, after):
+        assert a.dtype != b.dtype or a.shape != b.shape or torch.equal(a, b)
+
+
+def test_bound_bucket_steps_once_per_gather_and_checks_its_states():
+    bucket, params, state = _small_bucket()
+    hyper, lr_tensors = _small_adam_args()[7:9]
+    with pytest.raises(RuntimeError, match="needs a successful gather"):
+        bucket.adam_step(hyper, lr_tensors, True, False, False, None, None)
+    assert bucket.gather() == 0
+    with pytest.raises(RuntimeError, match=r"adam_step\(amsgrad=0\) takes a BoundBucket with 2 state lists"):
+        bucket.adam_step(hyper, lr_tensors, False, False, False, None, None)
+    with pytest.raises(RuntimeError, match="adagrad_step takes a BoundBucket with 1 state list"):
+        bucket.adagrad_step([1e-2, 0.0, 1e-10, 0.0] * 2, [None, None], False, None, None)
+    with pytest.raises(RuntimeError, match="lr_tensors\\[1\\] must have one element"):
+        bucket.adam_step(hyper, [None, torch.tensor([1.0, 2.0])], True, False, False, None, None)
+    versions = [p._version for p in params]
+    bucket.adam_step(hyper, lr_tensors, True, False, False, None, None)
+    assert [p._version for p in params] == [v + 1 for v in versions], "Note [Version counters]"
+    assert [s.item() for s in state[3]] == [4.0, 5.0]
+    with pytest.raises(RuntimeError, match="needs a successful gather"):
+        bucket.adam_step(hyper, lr_tensors, True, False, False, None, None)
+
+
+def test_bound_bucket_addresses_are_the_pointer_table():
+    bucket, params, state = _small_bucket()
+    assert bucket.gather() == 0
+    table = bucket.addresses()
+    exp_avgs, exp_avg_sqs, maxima, steps = state
+    rows = [params, [p.grad for p in params], exp_avgs, exp_avg_sqs, maxima, steps]
+    assert table.tolist() == [[t.data_ptr() for t in row] for row in rows]
+    assert bucket.grad_addresses().tolist() == [p.grad.data_ptr() for p in params]
 
 
 def _optimizer_run(make, init, grads_per_step, between=None):
@@ -402,7 +465,7 @@ def _assert_same_optimizers(a, b):
 
 
 def _counting_builds(monkeypatch):
-    from recap_kernels.backends import _cpp_steps
+    from recap_kernels.backends import native
 
     builds = []
     build = _ops.bound_bucket
@@ -412,7 +475,7 @@ def _counting_builds(monkeypatch):
         return build(*args)
 
     monkeypatch.setattr(_ops, "bound_bucket", counting)
-    return _cpp_steps, builds
+    return native, builds
 
 
 OPTIMIZER_CASES = {
@@ -512,7 +575,6 @@ def test_a_compiled_step_matches_eager(monkeypatch):
     assert builds == [3, 3], "one BoundBucket per eager plan; none while compiling"
     ops = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     assert torch.ops.recap_kernels.fused_adam_.default in ops
-    assert torch.ops.recap_kernels.fused_adam_bucket_.default not in ops
     _assert_same_optimizers(*results)
 
 

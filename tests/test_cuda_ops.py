@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from recap_kernels import _ext, _ops, _torch_numerics, available_backends, optim
-from recap_kernels.backends import BackendUnavailableError, cuda_kernels
+from recap_kernels.backends import BackendUnavailableError, native
 from tests.reference import (
     OPTION_MATRIX,
+    adagrad_hyper,
+    adam_hyper,
     assert_optimizer_close,
     check_equivalence,
     fused_cuda_hyperparameters,
@@ -30,9 +32,10 @@ from tests.reference import (
     train,
 )
 
-BUILT_WITH_CUDA = bool(_ext.build_info().get("cuda_extension")) and _ops.LOADED
+LOADED = _ext.load()[0] is not None
+BUILT_WITH_CUDA = bool(_ext.build_info().get("cuda_extension")) and LOADED
 needs_cuda_build = pytest.mark.skipif(not BUILT_WITH_CUDA, reason="recap_kernels._C was built without CUDA kernels")
-OPS = ("fused_adam_", "fused_adagrad_", "fused_adam_bucket_", "fused_adagrad_bucket_")
+OPS = ("fused_adam_", "fused_adagrad_")
 OPTIONS = {o.id: o for o in OPTION_MATRIX}
 # Adam hyperparameters fp32 represents exactly: torch's fused CUDA Adam and ours compute with them
 # rounded to fp32, torch's other paths in double (reference.rounded_hyperparameters).
@@ -48,7 +51,6 @@ def test_every_op_has_cpu_and_cuda_kernels_under_one_schema(op):
     qualified = f"recap_kernels::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA")
-    assert cuda_kernels.has_cuda_kernel(op)
     assert len(getattr(torch.ops.recap_kernels, op).overloads()) == 1
 
 
@@ -70,12 +72,8 @@ def _adam_args(n=3, dtype=torch.float32):
         max_exp_avg_sqs=[],
         state_steps=[torch.tensor(1.0) for _ in params],
         group_sizes=[n],
-        lrs=[1e-3],
+        hyper=adam_hyper([1e-3], [0.9], [0.999], [1e-8], [0.0]),
         lr_tensors=[None],
-        beta1s=[0.9],
-        beta2s=[0.999],
-        epss=[1e-8],
-        weight_decays=[0.0],
     )
 
 
@@ -87,11 +85,8 @@ def _adagrad_args(n=3):
         state_sums=[torch.rand_like(p) for p in params],
         state_steps=[torch.tensor(1.0) for _ in params],
         group_sizes=[n],
-        lrs=[1e-2],
+        hyper=adagrad_hyper([1e-2], [0.0], [1e-10], [0.0]),
         lr_tensors=[None],
-        lr_decays=[0.0],
-        epss=[1e-10],
-        weight_decays=[0.0],
     )
 
 
@@ -127,10 +122,10 @@ ADAM_FLAGS = {"amsgrad": False, "decoupled": False, "maximize": False}
          r"grads must have one tensor per parameter \(3\), got 2"),
         ("fused_adam_", _adam_args, {**ADAM_FLAGS, "amsgrad": True}, None,
          r"max_exp_avg_sqs must have one tensor per parameter \(3\), got 0"),
-        ("fused_adam_", _adam_args, ADAM_FLAGS, lambda a: a["beta1s"].append(0.8),
-         r"beta1s must have one entry per group \(1\), got 2"),
-        ("fused_adagrad_", _adagrad_args, {"maximize": False}, lambda a: a.update(group_sizes=[1, 1]),
-         r"lrs must have one entry per group \(2\), got 1"),
+        ("fused_adam_", _adam_args, ADAM_FLAGS, lambda a: a["hyper"].append(0.8),
+         r"hyper must have 5 values per group \(lr, beta1, beta2, eps, weight_decay\) for 1 groups, got 6"),
+        ("fused_adagrad_", _adagrad_args, {"maximize": False}, lambda a: a.update(group_sizes=[1, 2]),
+         r"hyper must have 4 values per group \(lr, lr_decay, eps, weight_decay\) for 2 groups, got 4"),
     ],
     ids=["adam-cpu-tensors", "adagrad-cpu-tensors", "short-list", "amsgrad-without-max", "group-list",
          "group-sizes"],
@@ -145,26 +140,12 @@ def test_cuda_kernels_reject_bad_calls_before_touching_anything(op, make, flags,
     _assert_unchanged(args, before)
 
 
-@needs_cuda_build
-def test_cuda_bucket_kernel_rejects_cpu_tensors():
-    args = _adam_args()
-    bucket = _ops.bound_bucket(args["params"], [args["exp_avgs"], args["exp_avg_sqs"], []], args["state_steps"],
-                               args["group_sizes"])
-    overload = torch.ops.recap_kernels.fused_adam_bucket_.default
-    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-    before = _snapshot(args)
-    with pytest.raises(RuntimeError, match=r"params\[0\] must be a CUDA tensor"):
-        overload.redispatch(keyset, bucket, args["grads"], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0],
-                            **ADAM_FLAGS)
-    _assert_unchanged(args, before)
-
-
 def test_cuda_backend_says_why_it_cannot_run_here():
     ok, reason = available_backends("cuda")["cuda"]
     if not torch.cuda.is_available():
         assert not ok
-        assert reason in ("no CUDA device is available", cuda_kernels._EXTENSION.reason)
-    ok, reason = cuda_kernels.available(torch.device("cpu"))
+        assert reason in ("no CUDA device is available", native.CUDA._extension.reason)
+    ok, reason = native.CUDA.available(torch.device("cpu"))
     assert not ok and "CUDA tensors, not cpu" in reason
 
 
@@ -192,36 +173,52 @@ def test_explicit_cuda_backend_on_cpu_tensors_raises_and_changes_nothing():
     ],
 )
 def test_arch_support_follows_cuda_compatibility_rules(capability, archs, expected):
-    assert cuda_kernels.arch_supported(capability, archs) is expected
+    assert native.arch_supported(capability, archs) is expected
 
 
 # ------------------------------------------------------------------------------------------------
 # Without a GPU: the CUDA kernels' code, emulated on the host
 # ------------------------------------------------------------------------------------------------
-EMULATED = _ops.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+EMULATED = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
     "recap_kernels::_emulate_cuda_fused_adam_", "CPU")
 needs_emulation = pytest.mark.skipif(not EMULATED, reason="recap_kernels._C was built without CUDA kernels")
 
 
-@pytest.fixture
-def emulated_cuda_kernels(monkeypatch):
-    """The cpu backend's steps go through the CUDA kernels' host emulation (list ops, not bound buckets)."""
-    from recap_kernels.backends import _cpp_steps
-
+@pytest.fixture(params=["list-ops", "bound-buckets"])
+def emulated_cuda_kernels(request, monkeypatch):
+    """The cpu backend's steps go through the CUDA kernels' host emulation: through the list ops, or
+    through bound buckets that run the emulated kernels (BoundBucket.set_emulate_cuda)."""
     calls = []
+    if request.param == "list-ops":
+        def route(name):
+            op = getattr(torch.ops.recap_kernels, f"_emulate_cuda_{name}").default
 
-    def route(name):
-        op = getattr(torch.ops.recap_kernels, f"_emulate_cuda_{name}").default
+            def call(*args, **kwargs):
+                calls.append(name)
+                op(*args, **kwargs)
 
-        def call(*args, **kwargs):
-            calls.append(name)
-            op(*args, **kwargs)
+            return call
 
-        return call
+        monkeypatch.setattr(native, "bind_buckets", False)
+        monkeypatch.setattr(_ops, "fused_adam_", route("fused_adam_"))
+        monkeypatch.setattr(_ops, "fused_adagrad_", route("fused_adagrad_"))
+        return calls
 
-    monkeypatch.setattr(_cpp_steps, "bind_buckets", False)
-    monkeypatch.setattr(_ops, "fused_adam_", route("fused_adam_"))
-    monkeypatch.setattr(_ops, "fused_adagrad_", route("fused_adagrad_"))
+    build = _ops.bound_bucket
+
+    class Emulated:
+        """A BoundBucket whose steps run the emulated CUDA kernels, counted."""
+
+        def __init__(self, *args):
+            self.bucket = build(*args)
+            self.bucket.set_emulate_cuda(True)
+
+        def __getattr__(self, name):
+            if name in ("adam_step", "adagrad_step"):
+                calls.append(name)
+            return getattr(self.bucket, name)
+
+    monkeypatch.setattr(_ops, "bound_bucket", Emulated)
     return calls
 
 

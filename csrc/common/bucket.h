@@ -1,94 +1,99 @@
-// recap_kernels::BoundBucket: a bucket's per-parameter tensor lists, held on the C++ side across
-// steps (registered in ../ops.cpp; used by fused_adam_bucket_ and fused_adagrad_bucket_, whose CPU
-// and CUDA kernels run the list ops' kernels on its lists).
+// recap_kernels::BoundBucket: a bucket of parameters held on the C++ side from one plan to the next
+// (registered in ../ops.cpp as torch.classes.recap_kernels.BoundBucket).
 //
 // Note [Bound buckets]
-// An op call from Python converts every Python list it takes into C++ (about 160 ns a tensor),
-// so a step over 5,000 small tensors spends milliseconds converting five lists whose tensors
-// are the same every step. A BoundBucket is built once, when the optimizer's plan is built, from
-// the lists that do not change between steps (params, state, step counters, group sizes); the
-// *_bucket_ ops then take it plus the step's gradients and per-group hyperparameters, and run
-// the list ops' kernels on the stored lists: same checks, same math, same results.
+// An optimizer step over 5,000 small tensors cannot afford per-tensor work in Python (about 1 µs a
+// tensor) nor the conversion of Python lists of tensors into C++ at every call (about 160 ns a
+// tensor a list). A BoundBucket is built once per plan from the parameter, state and step lists
+// (recap_kernels/optim/_dispatch.py) and holds them; each step then costs a constant number of
+// Python calls per bucket:
+//   * gather() reads every parameter's ``.grad`` here, in C++ (the tensors are the Python objects'
+//     own TensorImpls, so ``p.grad = g`` and ``p.data = x`` are seen), and checks that everything
+//     the kernels will read is as it was when the plan was built: the same parameter, state and
+//     step storage (addresses), dtype, shape and device, contiguous, and a dense contiguous
+//     gradient of the parameter's dtype and shape. It returns 0, or a nonzero code and the reason
+//     (change()) when anything differs: the optimizer then builds a new plan instead of trusting
+//     this one (Note [Plan invalidation] in _dispatch.py). It reads and writes nothing else, so a
+//     step whose second bucket changed has not written to its first.
+//   * adam_step() / adagrad_step() run the device's kernels on the gathered records (the list ops'
+//     kernels: same math, same results), advance the step counters and bump the version counters
+//     of every tensor written (Note [Version counters] in arguments.h).
+//   * The Triton backend reads addresses() (the pointer table of every slot) once per plan and
+//     grad_addresses() after each gather(), re-uploading them only when grads_moved().
 //
-// Eager mode only. The bucket's tensors are hidden from the dispatcher inside the object, so
-// torch.compile (and anything else that traces or functionalizes) cannot see their mutation:
-// traced code calls the list ops (recap_kernels/backends/cpu_kernels.py does when
-// torch.compiler.is_compiling()). Like the list ops (whose calls leave the version counters
-// as they were), they do not bump the version counters of the tensors they update.
-//
-// The object holds references to the tensors, not their data pointers: pointers are read at
-// each call, so a tensor whose storage is swapped (``p.data = ...``) is still updated where its
-// data lives. A bucket whose tensor *objects* change (load_state_dict, a new plan) needs a new
-// BoundBucket; the Python side builds one per plan.
+// Eager mode only: the tensors are hidden from the dispatcher inside the object, so torch.compile
+// (and anything else that traces or functionalizes) cannot see their mutation; traced steps call
+// the list ops.
 #pragma once
 
-#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <ATen/core/ivalue.h>
 
 #include <cstdint>
-#include <optional>
-#include <utility>
+#include <string>
 #include <vector>
+
+#include "arguments.h"
+#include "records.h"
 
 namespace recap_kernels {
 
-struct BoundBucket : torch::CustomClassHolder {
-  // ``states``: the optimizer's per-parameter state lists in the order its op takes them
-  // (Adam: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, the last empty unless amsgrad; Adagrad:
-  // state_sums). The kernels check lengths, dtypes and sizes at every call, as the list ops do.
+class BoundBucket : public torch::CustomClassHolder {
+ public:
+  // ``states``: the state lists in slot order after the gradient (Adam: exp_avgs, exp_avg_sqs and,
+  // with amsgrad, max_exp_avg_sqs; Adagrad: state_sums), each of one tensor per parameter.
+  // Checked as the list ops check their lists; the gradients are read by gather().
   BoundBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
-              std::vector<at::Tensor> state_steps, std::vector<int64_t> group_sizes)
-      : params(std::move(params)),
-        states(std::move(states)),
-        state_steps(std::move(state_steps)),
-        group_sizes(std::move(group_sizes)) {}
+              std::vector<at::Tensor> state_steps, std::vector<int64_t> group_sizes);
 
-  // The state lists for an op that takes ``expected`` of them.
-  const std::vector<std::vector<at::Tensor>>& states_for(const char* op, size_t expected) const {
-    TORCH_CHECK(states.size() == expected, op, " takes a BoundBucket with ", expected, " state lists, got ",
-                states.size());
-    return states;
-  }
+  int64_t gather();
+  std::string change() const { return change_; }
+  at::Tensor addresses() const;
+  at::Tensor grad_addresses() const { return grad_addresses_; }
+  bool grads_moved() const { return grads_moved_; }
+  void finish_step(bool grads_written);
+  int64_t size() const { return static_cast<int64_t>(params_.size()); }
+  int64_t num_states() const { return static_cast<int64_t>(states_.size()); }
 
-  int64_t size() const { return static_cast<int64_t>(params.size()); }
+  void adam_step(std::vector<double> hyper, c10::List<std::optional<at::Tensor>> lr_tensors, bool amsgrad,
+                 bool decoupled, bool maximize, std::optional<at::Tensor> grad_scale,
+                 std::optional<at::Tensor> found_inf);
+  void adagrad_step(std::vector<double> hyper, c10::List<std::optional<at::Tensor>> lr_tensors, bool maximize,
+                    std::optional<at::Tensor> grad_scale, std::optional<at::Tensor> found_inf);
 
-  std::vector<at::Tensor> params;
-  std::vector<std::vector<at::Tensor>> states;
-  std::vector<at::Tensor> state_steps;
-  std::vector<int64_t> group_sizes;
+  // Test-only: run the CUDA kernels' block bodies on the host for this (CPU) bucket (cuda/emulate.cu).
+  void set_emulate_cuda(bool emulate) { emulate_cuda_ = emulate; }
+
+ private:
+  StepTensors gathered(const char* op) const;
+  // Checks parameter i against the plan and records its gradient's address; the reason when it differs.
+  const char* check_and_gather(size_t i);
+  int64_t changed(size_t i, const char* what);
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::vector<at::Tensor>> states_;
+  std::vector<at::Tensor> steps_;
+  std::vector<int64_t> group_sizes_;
+  std::vector<TensorRecord> records_;  // gradient addresses as of the last gather()
+  std::vector<int64_t> starts_;
+  c10::Device device_{c10::kCPU};
+  c10::ScalarType dtype_{c10::kFloat};
+  at::Tensor grad_addresses_;  // int64 [n] on the CPU
+  bool gathered_ = false;      // gather() succeeded since the last step
+  bool grads_moved_ = true;
+  bool emulate_cuda_ = false;
+  std::string change_;
 };
 
-// The *_bucket_ ops: the list op ``ListOp`` of a device (fused_adam_cpu, fused_adam_cuda, ...) on
-// the bucket's lists. Adam's states are exp_avgs, exp_avg_sqs, max_exp_avg_sqs; Adagrad's state_sums.
-template <auto ListOp>
-void fused_adam_bucket(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads, at::ArrayRef<double> lrs,
-                       const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> beta1s,
-                       at::ArrayRef<double> beta2s, at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays,
-                       bool amsgrad, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf) {
-  const auto& states = bucket->states_for("fused_adam_bucket_", 3);
-  ListOp(bucket->params, grads, states[0], states[1], states[2], bucket->state_steps, bucket->group_sizes, lrs,
-         lr_tensors, beta1s, beta2s, epss, weight_decays, amsgrad, decoupled, maximize, grad_scale, found_inf);
-}
-
-template <auto ListOp>
-void fused_adagrad_bucket(const c10::intrusive_ptr<BoundBucket>& bucket, at::TensorList grads,
-                          at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                          at::ArrayRef<double> lr_decays, at::ArrayRef<double> epss,
-                          at::ArrayRef<double> weight_decays, bool maximize,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto& states = bucket->states_for("fused_adagrad_bucket_", 1);
-  ListOp(bucket->params, grads, states[0], bucket->state_steps, bucket->group_sizes, lrs, lr_tensors, lr_decays, epss,
-         weight_decays, maximize, grad_scale, found_inf);
-}
-
-// Registers torch.classes.recap_kernels.BoundBucket, once. Called by every static registration
-// that needs the class (ops.cpp's schemas, the kernels' TORCH_LIBRARY_IMPL, whose signatures name
-// it): static initializers of different files run in an unspecified order, so whichever runs
-// first registers it. Defined in ops.cpp: nvcc mistakes the class_ registration, compiled inline
-// into a .cu file, for device code.
-void register_bound_bucket_class();
+// The kernels of each device, for the bound buckets: registered by the device's sources at load
+// time (a build without CUDA has none for CUDA). ``emulated``: the test-only host emulation of the
+// CUDA kernels, for CPU tensors.
+struct DeviceKernels {
+  AdamKernel adam = nullptr;
+  AdagradKernel adagrad = nullptr;
+};
+DeviceKernels& device_kernels(c10::DeviceType device_type, bool emulated = false);
 
 }  // namespace recap_kernels

@@ -1,10 +1,6 @@
-// recap_kernels::fused_adam_ for CPU tensors (schema in ../ops.cpp): one call updates every
-// tensor of a bucket, across param groups, with the update of recap_kernels/adam_math.h.
-//
-// Layout of a call: the tensor lists are parallel (params[i], grads[i], exp_avgs[i], ...), the
-// tensors of group g are the group_sizes[g] consecutive entries after those of group g - 1, and
-// each per-group list (lrs, beta1s, ...) has one entry per group. The step counters are 0-d
-// float32 tensors, one per parameter; each tensor's bias corrections use its own counter + 1, and
+// recap_kernels::fused_adam_ for CPU tensors (schema in ../ops.cpp), and the CPU kernel of
+// BoundBucket.adam_step: one call updates every tensor of a bucket, across param groups, with the
+// update of recap_kernels/adam_math.h. Each tensor's bias corrections use its own step counter + 1;
 // the counters are advanced after the update (not at all when found_inf is set).
 #include <cstdint>
 #include <optional>
@@ -80,102 +76,66 @@ AdamSpanFn<S> adam_span_fn(bool amsgrad, bool unscale, WeightDecay wd) {
   return unscale ? adam_span_fn<S, false, true>(wd) : adam_span_fn<S, false, false>(wd);
 }
 
-struct AdamTensor {
-  void* param;
-  void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;
-  float* step;
-  int32_t group;
-};
-
-struct AdamGroup {
-  double lr, beta1, beta2, eps, weight_decay;
-  WeightDecay mode;
-};
-
+// Every record's update (Note [CPU work split]), then the step counters.
 template <typename S>
-void adam_step(const std::vector<AdamTensor>& tensors, const std::vector<int64_t>& starts,
-               const std::vector<AdamGroup>& groups, bool amsgrad, bool maximize, std::optional<float> scale) {
+void adam_records(const StepTensors& tensors, const std::vector<AdamGroup>& groups, AdamOptions options,
+                  const float* scale) {
   using M = math_t<S>;
   std::vector<AdamSpanFn<S>> span_fns;
   for (const AdamGroup& group : groups) {
-    span_fns.push_back(adam_span_fn<S>(amsgrad, scale.has_value(), group.mode));
+    // A weight decay of 0 is kNone, never "multiply by 0": inf/NaN parameters behave as in torch.
+    const WeightDecay mode = group.weight_decay == 0.0 ? WeightDecay::kNone : options.decay;
+    span_fns.push_back(adam_span_fn<S>(options.amsgrad, scale != nullptr, mode));
   }
-  const M grad_scale = M(scale.value_or(1.0f));
-  parallel_over_elements(starts, [&]() {
+  const M grad_scale = M(scale != nullptr ? *scale : 1.0f);
+  const std::vector<TensorRecord>& records = tensors.records;
+  parallel_over_elements(tensors.starts, [&]() {
     return [&, last = LastScalars<AdamScalars<M>>()](int64_t t, int64_t lo, int64_t hi) mutable {
-      const AdamTensor& x = tensors[t];
+      const TensorRecord& x = records[t];
       const AdamGroup& g = groups[x.group];
       const AdamScalars<M>& s = last.get(x.group, *x.step, [&] {
-        return adam_scalars<M>(g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, double(*x.step) + 1.0, maximize);
+        return adam_scalars<M>(g.lr.get(), g.beta1, g.beta2, g.eps, g.weight_decay, double(*x.step) + 1.0,
+                               options.maximize);
       });
-      span_fns[x.group](static_cast<raw_t<S>*>(x.param) + lo, static_cast<raw_t<S>*>(x.grad) + lo,
-                        static_cast<raw_t<S>*>(x.exp_avg) + lo, static_cast<raw_t<S>*>(x.exp_avg_sq) + lo,
-                        amsgrad ? static_cast<raw_t<S>*>(x.max_exp_avg_sq) + lo : nullptr, hi - lo, s, grad_scale);
+      auto slot = [&](Slot k) { return static_cast<raw_t<S>*>(x.slots[k]) + lo; };
+      span_fns[x.group](slot(kParamSlot), slot(kGradSlot), slot(kExpAvgSlot), slot(kExpAvgSqSlot),
+                        options.amsgrad ? slot(kMaxExpAvgSqSlot) : nullptr, hi - lo, s, grad_scale);
     };
   });
 }
 
+// The CPU kernel of fused_adam_ and of BoundBucket.adam_step (arguments.h's AdamKernel).
+void adam_cpu(const StepTensors& tensors, const std::vector<AdamGroup>& groups, AdamOptions options,
+              const AmpArgs& amp) {
+  if (amp.skip()) {
+    return;  // GradScaler found an inf/NaN: nothing changes, step counters included
+  }
+  dispatch_storage(tensors.dtype, "fused_adam_", [&](auto tag) {
+    adam_records<decltype(tag)>(tensors, groups, options, amp.grad_scale);
+  });
+  advance_steps(tensors.records);
+}
+
 void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_sizes,
-                    at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                    at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
-                    at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  const size_t num_groups = group_sizes.size();
-  const std::vector<int32_t> tensor_group =
-      check_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lrs, beta1s,
-                       beta2s, epss, weight_decays, amsgrad);
-  const std::vector<double> lr_values = group_learning_rates(lrs, lr_tensors);
-  const std::optional<float> scale = loss_scale(grad_scale);
-  if (n == 0 || step_is_skipped(found_inf)) {
-    return;
+                    at::ArrayRef<double> hyper, const c10::List<std::optional<at::Tensor>>& lr_tensors, bool amsgrad,
+                    bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const ListCall call = adam_list_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                       group_sizes, hyper.size(), lr_tensors.size(), amsgrad, c10::kCPU);
+  run_adam(&adam_cpu, call.tensors(), group_sizes, hyper, lr_tensors, adam_options(amsgrad, decoupled, maximize),
+           grad_scale, found_inf);
+  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps});
+  if (grad_scale.has_value()) {
+    bump_versions({grads});
   }
-
-  std::vector<AdamGroup> groups(num_groups);
-  for (size_t g = 0; g < num_groups; ++g) {
-    const WeightDecay mode = weight_decays[g] == 0.0   ? WeightDecay::kNone
-                             : decoupled ? WeightDecay::kDecoupled
-                                         : WeightDecay::kL2;
-    groups[g] = AdamGroup{lr_values[g], beta1s[g], beta2s[g], epss[g], weight_decays[g], mode};
-  }
-  const c10::ScalarType dtype = params[0].scalar_type();
-  std::vector<AdamTensor> tensors(n);
-  std::vector<int64_t> starts(n + 1, 0);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_param(i, p, params[0], c10::kCPU);
-    check_like_param("grads", i, grads[i], p);
-    check_like_param("exp_avgs", i, exp_avgs[i], p);
-    check_like_param("exp_avg_sqs", i, exp_avg_sqs[i], p);
-    if (amsgrad) {
-      check_like_param("max_exp_avg_sqs", i, max_exp_avg_sqs[i], p);
-    }
-    tensors[i] = AdamTensor{p.data_ptr(),
-                            grads[i].data_ptr(),
-                            exp_avgs[i].data_ptr(),
-                            exp_avg_sqs[i].data_ptr(),
-                            amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
-                            step_pointer(i, state_steps[i], p),
-                            tensor_group[i]};
-    starts[i + 1] = starts[i] + p.numel();
-  }
-
-  dispatch_storage(dtype, "fused_adam_", [&](auto tag) {
-    adam_step<decltype(tag)>(tensors, starts, groups, amsgrad, maximize, scale);
-  });
-  advance_steps(tensors);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
   m.impl("fused_adam_", &fused_adam_cpu);
-  register_bound_bucket_class();  // its signature names the class
-  m.impl("fused_adam_bucket_", &fused_adam_bucket<&fused_adam_cpu>);
+  device_kernels(c10::kCPU).adam = &adam_cpu;  // BoundBucket.adam_step on CPU tensors
 }
 
 }  // namespace recap_kernels::cpu

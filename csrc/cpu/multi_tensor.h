@@ -1,5 +1,5 @@
-// What the multi-tensor CPU kernels share: per-group hyperparameters, AMP scalars, the split
-// of a bucket's elements over threads, and the run-time choice of instruction set.
+// What the multi-tensor CPU kernels share: the split of a bucket's elements over threads, cached
+// per-group scalars, and the run-time choice of instruction set.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -10,11 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <optional>
 #include <vector>
 
-#include "../common/arguments.h"
-#include "recap_kernels/convert.h"
+#include "../common/records.h"
 
 // Note [CPU instruction sets]
 // The wheel is built for baseline x86-64, and each element loop is compiled three times
@@ -84,39 +82,10 @@ class LastScalars {
 };
 
 // After the update: every tensor's step counter advances by one (torch's fused layout).
-template <typename TensorRecord>
-void advance_steps(const std::vector<TensorRecord>& tensors) {
-  for (const TensorRecord& x : tensors) {
-    *x.step += 1.0f;
+inline void advance_steps(const std::vector<TensorRecord>& records) {
+  for (const TensorRecord& record : records) {
+    *record.step += 1.0f;
   }
-}
-
-// The learning rate of each group: the float, or the value of the group's Tensor lr.
-inline std::vector<double> group_learning_rates(at::ArrayRef<double> lrs,
-                                                const c10::List<std::optional<at::Tensor>>& lr_tensors) {
-  TORCH_CHECK(lr_tensors.size() == lrs.size(), "lr_tensors must have one entry per group (", lrs.size(),
-              "), got ", lr_tensors.size());
-  std::vector<double> values(lrs.begin(), lrs.end());
-  for (size_t i = 0; i < values.size(); ++i) {
-    const std::optional<at::Tensor> lr = lr_tensors.get(i);
-    if (lr.has_value() && lr->defined()) {
-      check_lr_tensor(i, *lr);
-      TORCH_CHECK(lr->is_cpu(), "lr_tensors[", i, "] must be a CPU tensor for the CPU kernels");
-      values[i] = lr->item<double>();
-    }
-  }
-  return values;
-}
-
-// AMP: whether found_inf says to skip this step, and the loss scale to divide out (if any).
-inline bool step_is_skipped(const std::optional<at::Tensor>& found_inf) {
-  const float* flag = amp_scalar("found_inf", found_inf, c10::Device(c10::kCPU));
-  return flag != nullptr && *flag != 0.0f;
-}
-
-inline std::optional<float> loss_scale(const std::optional<at::Tensor>& grad_scale) {
-  const float* scale = amp_scalar("grad_scale", grad_scale, c10::Device(c10::kCPU));
-  return scale != nullptr ? std::optional<float>(*scale) : std::nullopt;
 }
 
 }  // namespace recap_kernels::cpu

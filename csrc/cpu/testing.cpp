@@ -1,7 +1,9 @@
 // Test-only CPU ops that drive the shared headers directly (tests/test_math_edges.py).
 #include <cstdint>
 
-#include "multi_tensor.h"
+#include <torch/library.h>
+
+#include "../common/arguments.h"
 #include "recap_kernels/convert.h"
 
 namespace recap_kernels::cpu {

@@ -1,5 +1,5 @@
-// The CUDA kernels of recap_kernels::fused_adagrad_ and fused_adagrad_bucket_ (the op and the block
-// body are in adagrad.cuh).
+// The CUDA kernels of recap_kernels::fused_adagrad_ and BoundBucket.adagrad_step (the op and the
+// block body are in adagrad.cuh).
 #include "../common/bucket.h"
 #include "adagrad.cuh"
 
@@ -23,21 +23,11 @@ struct AdagradCudaLaunch : CudaLaunch {
   }
 };
 
-void fused_adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                        at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lrs,
-                        const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> lr_decays,
-                        at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
-                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  fused_adagrad<AdagradCudaLaunch>(params, grads, state_sums, state_steps, group_sizes, lrs, lr_tensors, lr_decays,
-                                   epss, weight_decays, maximize, grad_scale, found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recap_kernels, CUDA, m) {
-  m.impl("fused_adagrad_", &fused_adagrad_cuda);
-  register_bound_bucket_class();  // its signature names the class
-  m.impl("fused_adagrad_bucket_", &fused_adagrad_bucket<&fused_adagrad_cuda>);
+  m.impl("fused_adagrad_", &fused_adagrad<AdagradCudaLaunch>);
+  device_kernels(c10::kCUDA).adagrad = &adagrad_records<AdagradCudaLaunch>;  // BoundBucket.adagrad_step
 }
 
 }  // namespace recap_kernels::cuda

@@ -17,11 +17,6 @@
 
 namespace recap_kernels::cuda {
 
-struct AdagradGroup {
-  LearningRate lr;
-  double lr_decay, eps, weight_decay;
-};
-
 // The hyperparameters of a launch's groups: a kernel argument (read through __grid_constant__).
 struct AdagradGroups {
   AdagradGroup group[kMaxLaunchGroups];
@@ -67,12 +62,12 @@ RK_HOST_DEVICE void adagrad_block(const LaunchTable& table, const AdagradGroups&
       adagrad_scalars<M>(hp.lr.get(), hp.lr_decay, hp.eps, hp.weight_decay, double(*work.entry.step), maximize);
   const bool weight_decay = hp.weight_decay != 0.0;
   const float scale = amp.grad_scale != nullptr ? *amp.grad_scale : 1.0f;
-  R* __restrict__ param = static_cast<R*>(work.entry.slots[0]) + work.offset;
-  R* __restrict__ grad = static_cast<R*>(work.entry.slots[1]) + work.offset;
-  R* __restrict__ state_sum = static_cast<R*>(work.entry.slots[2]) + work.offset;
+  R* __restrict__ param = static_cast<R*>(work.entry.slots[kParamSlot]) + work.offset;
+  R* __restrict__ grad = static_cast<R*>(work.entry.slots[kGradSlot]) + work.offset;
+  R* __restrict__ state_sum = static_cast<R*>(work.entry.slots[kStateSumSlot]) + work.offset;
 
   int32_t scalar_begin = 0;
-  if (work.entry.vectorizable) {
+  if (work.entry.aligned) {
     constexpr int32_t kWidth = Vector<R>::kSize;
     const int32_t num_vectors = work.size / kWidth;
     for (int32_t v = thread; v < num_vectors; v += kBlockSize) {
@@ -98,37 +93,39 @@ RK_HOST_DEVICE void adagrad_block(const LaunchTable& table, const AdagradGroups&
 }
 
 
-// The op, on ``Launch`` (CudaLaunch or the host emulation's HostLaunch), which also provides
-// ``template <S> adagrad(table, num_blocks, groups, amp, maximize)``.
+// The kernel of a step (arguments.h's AdagradKernel) on ``Launch``, which provides
+// ``template <S> adagrad(table, num_blocks, groups, amp, maximize)``; as adam_records in adam.cuh.
 template <typename Launch>
-void fused_adagrad(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
-                   at::IntArrayRef group_sizes, at::ArrayRef<double> lrs,
-                   const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> lr_decays,
-                   at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  const size_t num_groups = group_sizes.size();
-  const std::vector<int32_t> tensor_group =
-      check_adagrad_lists(params, grads, state_sums, state_steps, group_sizes, lrs, lr_decays, epss, weight_decays);
-  if (n == 0) {
-    return;
-  }
-  const PreparedCall call =
-      prepare_call({{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, state_steps,
-                   Launch::kDeviceType, tensor_group, static_cast<int32_t>(num_groups), lrs, lr_tensors, grad_scale,
-                   found_inf);
-  Launch launch(params[0].device());
-  dispatch_storage(params[0].scalar_type(), "fused_adagrad_", [&](auto tag) {
+void adagrad_records(const StepTensors& tensors, const std::vector<AdagradGroup>& groups, bool maximize,
+                     const AmpArgs& amp) {
+  const HostTables tables = build_tables(tensors.records, static_cast<int32_t>(groups.size()));
+  Launch launch(tensors.device);
+  dispatch_storage(tensors.dtype, "fused_adagrad_", [&](auto tag) {
     using S = decltype(tag);
-    run_launches(launch, call, [&](const HostTables::Segment& segment, const LaunchTable& table) {
-      AdagradGroups groups{};
+    run_launches(launch, tables, amp, [&](const HostTables::Segment& segment, const LaunchTable& table) {
+      AdagradGroups launch_groups{};
       for (int32_t g = 0; g < segment.num_groups; ++g) {
-        const size_t k = segment.first_group + g;
-        groups.group[g] = AdagradGroup{call.rates[k], lr_decays[k], epss[k], weight_decays[k]};
+        launch_groups.group[g] = groups[segment.first_group + g];
       }
-      launch.template adagrad<S>(table, segment.num_blocks, groups, call.amp, maximize);
+      launch.template adagrad<S>(table, segment.num_blocks, launch_groups, amp, maximize);
     });
   });
+}
+
+// fused_adagrad_ on ``Launch``'s device.
+template <typename Launch>
+void fused_adagrad(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
+                   at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
+                   const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const ListCall call = adagrad_list_call(params, grads, state_sums, state_steps, group_sizes, hyper.size(),
+                                          lr_tensors.size(), Launch::kDeviceType);
+  run_adagrad(&adagrad_records<Launch>, call.tensors(), group_sizes, hyper, lr_tensors, maximize, grad_scale,
+              found_inf);
+  bump_versions({params, state_sums, state_steps});
+  if (grad_scale.has_value()) {
+    bump_versions({grads});
+  }
 }
 
 }  // namespace recap_kernels::cuda

@@ -23,18 +23,13 @@ namespace recap_kernels::cuda {
 
 constexpr bool kOpmath = RECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH != 0;
 
-struct AdamGroup {
-  LearningRate lr;
-  double beta1, beta2, eps, weight_decay;
-};
-
 // The hyperparameters of a launch's groups: a kernel argument (read through __grid_constant__).
 struct AdamGroups {
   AdamGroup group[kMaxLaunchGroups];
 };
 
 // One element, in place on raw storage values.
-template <typename S, bool AMSGRAD, bool DECOUPLED>
+template <typename S, bool AMSGRAD, WeightDecay WD>
 RK_HOST_DEVICE void adam_element(typename Storage<S>::raw_t& param, typename Storage<S>::raw_t& grad,
                                  typename Storage<S>::raw_t& exp_avg, typename Storage<S>::raw_t& exp_avg_sq,
                                  typename Storage<S>::raw_t& max_exp_avg_sq,
@@ -54,7 +49,7 @@ RK_HOST_DEVICE void adam_element(typename Storage<S>::raw_t& param, typename Sto
   if constexpr (AMSGRAD) {
     v_max = St::load(max_exp_avg_sq);
   }
-  adam_update_cuda<M, kOpmath, AMSGRAD, DECOUPLED>(p, g, m, v, v_max, s, maximize);
+  adam_update_cuda<M, kOpmath, AMSGRAD, WD>(p, g, m, v, v_max, s, maximize);
   param = St::store(p);
   exp_avg = St::store(m);
   exp_avg_sq = St::store(v);
@@ -65,7 +60,7 @@ RK_HOST_DEVICE void adam_element(typename Storage<S>::raw_t& param, typename Sto
 
 // Thread ``thread`` of block ``block`` (of kBlockSize): its share of the block's chunk, 128 bits
 // at a time where every slot is aligned, then the tail element by element.
-template <typename S, bool AMSGRAD, bool DECOUPLED>
+template <typename S, bool AMSGRAD, WeightDecay WD>
 RK_HOST_DEVICE void adam_block(const LaunchTable& table, const AdamGroups& groups, const AmpArgs& amp, bool maximize,
                                int64_t block, int32_t thread) {
   using R = typename Storage<S>::raw_t;
@@ -78,14 +73,14 @@ RK_HOST_DEVICE void adam_block(const LaunchTable& table, const AdamGroups& group
   const AdamCudaScalars<M, kOpmath> s =
       adam_cuda_scalars<M, kOpmath>(hp.lr.get(), hp.beta1, hp.beta2, hp.eps, hp.weight_decay, *work.entry.step);
   const float scale = amp.grad_scale != nullptr ? *amp.grad_scale : 1.0f;
-  R* __restrict__ param = static_cast<R*>(work.entry.slots[0]) + work.offset;
-  R* __restrict__ grad = static_cast<R*>(work.entry.slots[1]) + work.offset;
-  R* __restrict__ exp_avg = static_cast<R*>(work.entry.slots[2]) + work.offset;
-  R* __restrict__ exp_avg_sq = static_cast<R*>(work.entry.slots[3]) + work.offset;
-  R* __restrict__ max_exp_avg_sq = AMSGRAD ? static_cast<R*>(work.entry.slots[4]) + work.offset : nullptr;
+  R* __restrict__ param = static_cast<R*>(work.entry.slots[kParamSlot]) + work.offset;
+  R* __restrict__ grad = static_cast<R*>(work.entry.slots[kGradSlot]) + work.offset;
+  R* __restrict__ exp_avg = static_cast<R*>(work.entry.slots[kExpAvgSlot]) + work.offset;
+  R* __restrict__ exp_avg_sq = static_cast<R*>(work.entry.slots[kExpAvgSqSlot]) + work.offset;
+  R* __restrict__ max_exp_avg_sq = AMSGRAD ? static_cast<R*>(work.entry.slots[kMaxExpAvgSqSlot]) + work.offset : nullptr;
 
   int32_t scalar_begin = 0;
-  if (work.entry.vectorizable) {
+  if (work.entry.aligned) {
     constexpr int32_t kWidth = Vector<R>::kSize;
     const int32_t num_vectors = work.size / kWidth;
     for (int32_t v = thread; v < num_vectors; v += kBlockSize) {
@@ -99,7 +94,7 @@ RK_HOST_DEVICE void adam_block(const LaunchTable& table, const AdamGroups& group
         sq_max = load_vector(max_exp_avg_sq + i);
       }
       for (int k = 0; k < kWidth; ++k) {  // a constant trip count: unrolled (ptxas: no stack frame)
-        adam_element<S, AMSGRAD, DECOUPLED>(p.v[k], g.v[k], m.v[k], sq.v[k], sq_max.v[k], s, amp.grad_scale, scale,
+        adam_element<S, AMSGRAD, WD>(p.v[k], g.v[k], m.v[k], sq.v[k], sq_max.v[k], s, amp.grad_scale, scale,
                                             maximize);
       }
       store_vector(param + i, p);
@@ -118,53 +113,58 @@ RK_HOST_DEVICE void adam_block(const LaunchTable& table, const AdamGroups& group
   for (int32_t i = scalar_begin + thread; i < work.size; i += kBlockSize) {
     R unused = R(0);
     R& max_slot = AMSGRAD ? max_exp_avg_sq[i] : unused;
-    adam_element<S, AMSGRAD, DECOUPLED>(param[i], grad[i], exp_avg[i], exp_avg_sq[i], max_slot, s, amp.grad_scale,
+    adam_element<S, AMSGRAD, WD>(param[i], grad[i], exp_avg[i], exp_avg_sq[i], max_slot, s, amp.grad_scale,
                                         scale, maximize);
   }
 }
 
-// The op, on ``Launch`` (CudaLaunch or the host emulation's HostLaunch), which also provides
-// ``template <S, AMSGRAD, DECOUPLED> adam(table, num_blocks, groups, amp, maximize)``.
+// The kernel of a step (arguments.h's AdamKernel) on ``Launch`` (CudaLaunch, or the host
+// emulation's HostLaunch), which provides ``template <S, AMSGRAD, WD> adam(table, num_blocks,
+// groups, amp, maximize)``: the step counters advance, then one update launch per kMaxLaunchGroups groups.
 template <typename Launch>
-void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_sizes,
-                at::ArrayRef<double> lrs, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
-                at::ArrayRef<double> weight_decays, bool amsgrad, bool decoupled, bool maximize,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  const size_t num_groups = group_sizes.size();
-  const std::vector<int32_t> tensor_group =
-      check_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lrs, beta1s,
-                       beta2s, epss, weight_decays, amsgrad);
-  if (n == 0) {
-    return;
-  }
-  std::vector<std::pair<const char*, at::TensorList>> lists = {
-      {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  if (amsgrad) {
-    lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  }
-  const PreparedCall call = prepare_call(lists, state_steps, Launch::kDeviceType, tensor_group,
-                                         static_cast<int32_t>(num_groups), lrs, lr_tensors, grad_scale, found_inf);
-  Launch launch(params[0].device());
-  dispatch_storage(params[0].scalar_type(), "fused_adam_", [&](auto tag) {
+void adam_records(const StepTensors& tensors, const std::vector<AdamGroup>& groups, AdamOptions options,
+                  const AmpArgs& amp) {
+  const HostTables tables = build_tables(tensors.records, static_cast<int32_t>(groups.size()));
+  Launch launch(tensors.device);
+  dispatch_storage(tensors.dtype, "fused_adam_", [&](auto tag) {
     using S = decltype(tag);
-    run_launches(launch, call, [&](const HostTables::Segment& segment, const LaunchTable& table) {
-      AdamGroups groups{};
+    run_launches(launch, tables, amp, [&](const HostTables::Segment& segment, const LaunchTable& table) {
+      AdamGroups launch_groups{};
       for (int32_t g = 0; g < segment.num_groups; ++g) {
-        const size_t k = segment.first_group + g;
-        groups.group[g] = AdamGroup{call.rates[k], beta1s[k], beta2s[k], epss[k], weight_decays[k]};
+        launch_groups.group[g] = groups[segment.first_group + g];
       }
-      if (amsgrad) {
-        decoupled ? launch.template adam<S, true, true>(table, segment.num_blocks, groups, call.amp, maximize)
-                  : launch.template adam<S, true, false>(table, segment.num_blocks, groups, call.amp, maximize);
+      const int64_t blocks = segment.num_blocks;
+      const bool maximize = options.maximize;
+      constexpr WeightDecay kL2 = WeightDecay::kL2;
+      constexpr WeightDecay kDecoupled = WeightDecay::kDecoupled;
+      const bool decoupled = options.decay == kDecoupled;
+      if (options.amsgrad) {
+        decoupled ? launch.template adam<S, true, kDecoupled>(table, blocks, launch_groups, amp, maximize)
+                  : launch.template adam<S, true, kL2>(table, blocks, launch_groups, amp, maximize);
       } else {
-        decoupled ? launch.template adam<S, false, true>(table, segment.num_blocks, groups, call.amp, maximize)
-                  : launch.template adam<S, false, false>(table, segment.num_blocks, groups, call.amp, maximize);
+        decoupled ? launch.template adam<S, false, kDecoupled>(table, blocks, launch_groups, amp, maximize)
+                  : launch.template adam<S, false, kL2>(table, blocks, launch_groups, amp, maximize);
       }
     });
   });
+}
+
+// fused_adam_ on ``Launch``'s device.
+template <typename Launch>
+void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_sizes,
+                at::ArrayRef<double> hyper, const c10::List<std::optional<at::Tensor>>& lr_tensors, bool amsgrad,
+                bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+  const ListCall call = adam_list_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                       group_sizes, hyper.size(), lr_tensors.size(), amsgrad,
+                                       Launch::kDeviceType);
+  run_adam(&adam_records<Launch>, call.tensors(), group_sizes, hyper, lr_tensors,
+           adam_options(amsgrad, decoupled, maximize), grad_scale, found_inf);
+  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps});
+  if (grad_scale.has_value()) {
+    bump_versions({grads});
+  }
 }
 
 }  // namespace recap_kernels::cuda

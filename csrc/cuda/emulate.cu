@@ -12,6 +12,7 @@
 
 #include <cstring>
 
+#include "../common/bucket.h"
 #include "adagrad.cuh"
 #include "adam.cuh"
 
@@ -24,7 +25,7 @@ class HostLaunch {
 
   explicit HostLaunch(const at::Device& /*device*/) {}
 
-  // The tables in a 64-byte aligned host buffer (TensorEntry is 16-byte aligned).
+  // The tables in a 64-byte aligned host buffer (TensorRecord is 16-byte aligned).
   const int64_t* tables(const HostTables& tables) {
     buffer_ = at::empty({static_cast<int64_t>(tables.words.size())}, at::TensorOptions().dtype(at::kLong));
     std::memcpy(buffer_.data_ptr<int64_t>(), tables.words.data(), tables.words.size() * sizeof(int64_t));
@@ -54,11 +55,11 @@ class HostLaunch {
 struct AdamHostLaunch : HostLaunch {
   using HostLaunch::HostLaunch;
 
-  template <typename S, bool AMSGRAD, bool DECOUPLED>
+  template <typename S, bool AMSGRAD, WeightDecay WD>
   void adam(const LaunchTable& table, int64_t num_blocks, const AdamGroups& groups, const AmpArgs& amp,
             bool maximize) {
     each_thread(num_blocks, [&](int64_t block, int32_t thread) {
-      adam_block<S, AMSGRAD, DECOUPLED>(table, groups, amp, maximize, block, thread);
+      adam_block<S, AMSGRAD, WD>(table, groups, amp, maximize, block, thread);
     });
   }
 };
@@ -80,6 +81,9 @@ struct AdagradHostLaunch : HostLaunch {
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
   m.impl("_emulate_cuda_fused_adam_", &fused_adam<AdamHostLaunch>);
   m.impl("_emulate_cuda_fused_adagrad_", &fused_adagrad<AdagradHostLaunch>);
+  // BoundBucket.set_emulate_cuda(True): a CPU bucket's steps through the same block bodies.
+  device_kernels(c10::kCPU, /*emulated=*/true).adam = &adam_records<AdamHostLaunch>;
+  device_kernels(c10::kCPU, /*emulated=*/true).adagrad = &adagrad_records<AdagradHostLaunch>;
 }
 
 }  // namespace recap_kernels::cuda

@@ -8,7 +8,6 @@
 #include <list>
 #include <mutex>
 
-#include "../common/arguments.h"
 #include "multi_tensor.cuh"
 
 namespace recap_kernels::cuda {
@@ -26,82 +25,22 @@ void advance_steps(const LaunchTable& table, int32_t num_tensors, const AmpArgs&
 
 namespace {
 
-constexpr int64_t kEntryWords = sizeof(TensorEntry) / sizeof(int64_t);
+constexpr int64_t kRecordWords = sizeof(TensorRecord) / sizeof(int64_t);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The tensors of one call, checked and reduced to what the tables hold.
-struct Gathered {
-  std::vector<std::vector<void*>> slots;  // slots[s][i]: list s (params, grads, states...), tensor i
-  std::vector<float*> steps;
-  std::vector<int64_t> numels;
-};
+}  // namespace
 
-Gathered gather(const std::vector<std::pair<const char*, at::TensorList>>& lists, at::TensorList state_steps,
-                c10::DeviceType device_type) {
-  const at::TensorList params = lists.front().second;
-  const size_t n = params.size();
-  Gathered gathered;
-  gathered.slots.assign(lists.size(), std::vector<void*>(n));
-  gathered.steps.resize(n);
-  gathered.numels.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_param(i, p, params[0], device_type);
-    gathered.slots[0][i] = p.data_ptr();
-    for (size_t s = 1; s < lists.size(); ++s) {
-      const at::Tensor& t = lists[s].second[i];
-      check_like_param(lists[s].first, i, t, p);
-      gathered.slots[s][i] = t.data_ptr();
-    }
-    gathered.steps[i] = step_pointer(i, state_steps[i], p);
-    gathered.numels[i] = p.numel();
-  }
-  return gathered;
-}
-
-std::vector<LearningRate> learning_rates(at::ArrayRef<double> lrs,
-                                         const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                                         const at::Device& device, std::vector<at::Tensor>& keep_alive) {
-  TORCH_CHECK(lr_tensors.size() == lrs.size(), "lr_tensors must have one entry per group (", lrs.size(),
-              "), got ", lr_tensors.size());
-  std::vector<LearningRate> rates(lrs.size());
-  for (size_t g = 0; g < lrs.size(); ++g) {
-    rates[g] = LearningRate{lrs[g], nullptr, 0};
-    const std::optional<at::Tensor> lr = lr_tensors.get(g);
-    if (!lr.has_value() || !lr->defined()) {
-      continue;
-    }
-    check_lr_tensor(g, *lr);
-    if (lr->device() != device) {
-      TORCH_CHECK(lr->is_cpu(), "lr_tensors[", g, "] is on ", lr->device(), ", the parameters on ", device,
-                  ": a Tensor lr must be on the CPU or on the parameters' device");
-      rates[g].value = lr->item<double>();  // a host read, no device sync
-      continue;
-    }
-    at::Tensor value = *lr;  // read by the kernel (and, in the host emulation, by the host)
-    if (value.scalar_type() != at::kFloat && value.scalar_type() != at::kDouble) {
-      value = value.to(at::kDouble);
-      keep_alive.push_back(value);
-    }
-    rates[g].tensor = value.const_data_ptr();
-    rates[g].is_double = value.scalar_type() == at::kDouble;
-  }
-  return rates;
-}
-
-// Tensors are cut into launches of at most kMaxLaunchGroups groups each.
-HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std::vector<float*>& steps,
-                        const std::vector<int64_t>& numels, const std::vector<int32_t>& groups, int32_t num_groups) {
+HostTables build_tables(const std::vector<TensorRecord>& records, int32_t num_groups) {
   HostTables tables;
-  const int32_t n = static_cast<int32_t>(numels.size());
+  const int32_t n = static_cast<int32_t>(records.size());
   // Launch k takes groups [k * kMaxLaunchGroups, (k + 1) * kMaxLaunchGroups): a consecutive span of
-  // tensors, since groups are consecutive spans of the lists.
+  // tensors, since groups are consecutive spans of the records.
   int32_t first = 0;
   while (first < n) {
-    const int32_t launch = groups[first] / kMaxLaunchGroups;
+    const int32_t launch = records[first].group / kMaxLaunchGroups;
     int32_t last = first;
-    while (last < n && groups[last] / kMaxLaunchGroups == launch) {
+    while (last < n && records[last].group / kMaxLaunchGroups == launch) {
       ++last;
     }
     HostTables::Segment segment;
@@ -109,27 +48,17 @@ HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std:
     segment.first_group = launch * kMaxLaunchGroups;
     segment.num_groups = std::min(kMaxLaunchGroups, num_groups - segment.first_group);
     segment.entries_word = tables.words.size();  // even: every segment is a whole number of 16-byte pairs
-    tables.words.resize(segment.entries_word + segment.num_tensors * kEntryWords);
-    auto* entries = reinterpret_cast<TensorEntry*>(tables.words.data() + segment.entries_word);
-    segment.block_begin_word = tables.words.size();
+    segment.block_begin_word = segment.entries_word + segment.num_tensors * kRecordWords;
     tables.words.resize(segment.block_begin_word + ((segment.num_tensors + 2) & ~1));  // n + 1, rounded up to even
-    entries = reinterpret_cast<TensorEntry*>(tables.words.data() + segment.entries_word);  // after resize
+    auto* entries = reinterpret_cast<TensorRecord*>(tables.words.data() + segment.entries_word);
     int64_t* block_begin = tables.words.data() + segment.block_begin_word;
     int64_t blocks = 0;
     for (int32_t i = first; i < last; ++i) {
-      TensorEntry& e = entries[i - first];
-      std::memset(&e, 0, sizeof(e));
-      bool aligned = true;
-      for (size_t s = 0; s < slots.size(); ++s) {
-        e.slots[s] = slots[s][i];
-        aligned = aligned && reinterpret_cast<uintptr_t>(slots[s][i]) % kVectorBytes == 0;
-      }
-      e.step = steps[i];
-      e.numel = numels[i];
-      e.group = groups[i] - segment.first_group;
-      e.vectorizable = aligned;
+      TensorRecord& e = entries[i - first];
+      e = records[i];
+      e.group -= segment.first_group;
       block_begin[i - first] = blocks;
-      blocks += ceil_div(numels[i], kChunk);
+      blocks += ceil_div(records[i].numel, kChunk);
     }
     block_begin[segment.num_tensors] = blocks;
     segment.num_blocks = blocks;
@@ -137,22 +66,6 @@ HostTables build_tables(const std::vector<std::vector<void*>>& slots, const std:
     first = last;
   }
   return tables;
-}
-
-}  // namespace
-
-PreparedCall prepare_call(const std::vector<std::pair<const char*, at::TensorList>>& lists,
-                          at::TensorList state_steps, c10::DeviceType device_type,
-                          const std::vector<int32_t>& tensor_group, int32_t num_groups, at::ArrayRef<double> lrs,
-                          const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const Gathered gathered = gather(lists, state_steps, device_type);
-  const at::Device device = lists.front().second[0].device();
-  PreparedCall call;
-  call.amp = AmpArgs{amp_scalar("grad_scale", grad_scale, device), amp_scalar("found_inf", found_inf, device)};
-  call.rates = learning_rates(lrs, lr_tensors, device, call.keep_alive);
-  call.tables = build_tables(gathered.slots, gathered.steps, gathered.numels, tensor_group, num_groups);
-  return call;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 //
 // Note [Multi-tensor launch]
 // One launch updates a whole bucket. Every tensor is cut into chunks of kChunk elements and each
-// block of the grid updates one chunk. The per-tensor metadata (addresses of every slot, element
-// count, group, step counter) is a TensorEntry table in device memory, with block_begin[t], the
-// first block of tensor t, after it; a block finds its tensor by binary search in block_begin.
+// block of the grid updates one chunk. The per-tensor metadata is the TensorRecord table of Note
+// [Tensor records] (common/records.h) in device memory, with block_begin[t], the first block of
+// tensor t, after it; a block finds its tensor by binary search in block_begin.
 // So a launch takes any number of tensors: torch's and apex's multi-tensor apply pass the
 // metadata as a 4 KB kernel argument and relaunch every few dozen tensors.
 //
@@ -30,53 +30,22 @@
 #include <utility>
 #include <vector>
 
+#include "../common/records.h"
 #include "recap_kernels/convert.h"
 
 namespace recap_kernels::cuda {
 
 constexpr int kBlockSize = 512;        // threads per block
 constexpr int64_t kChunk = 65536;      // elements per block (a multiple of every vector width)
-constexpr int kMaxSlots = 5;           // param, grad and up to three state tensors
 constexpr int kMaxLaunchGroups = 32;   // param groups per launch (kernel-argument hyperparameters)
 constexpr int kVectorBytes = 16;       // one 128-bit load or store per thread and tensor
 
-// One tensor of a launch. 64 bytes, so a block's entry is one or two cache lines.
-struct alignas(16) TensorEntry {
-  void* slots[kMaxSlots];  // param, grad, state... (unused slots are null)
-  float* step;             // the 0-d float32 step counter
-  int64_t numel;
-  int32_t group;           // the group's index within this launch
-  int32_t vectorizable;    // every slot is 16-byte aligned: the block may use 128-bit accesses
-};
-static_assert(sizeof(TensorEntry) == 64, "TensorEntry is one 64-byte record");
-
-// The table of one launch as the kernels see it.
+// The table of one launch as the kernels see it: its tensors' records, with each record's group
+// renumbered within the launch.
 struct LaunchTable {
-  const TensorEntry* entries;
+  const TensorRecord* entries;
   const int64_t* block_begin;  // num_tensors + 1 entries; block_begin[num_tensors] is the grid size
   int32_t num_tensors;
-};
-
-// A group's learning rate as a kernel reads it: the float, or a Tensor lr's device address.
-struct LearningRate {
-  double value;
-  const void* tensor;  // null: use value
-  int32_t is_double;   // the tensor's dtype: float64 (1) or float32 (0)
-
-  RK_HOST_DEVICE double get() const {
-    if (tensor == nullptr) {
-      return value;
-    }
-    return is_double ? *static_cast<const double*>(tensor) : double(*static_cast<const float*>(tensor));
-  }
-};
-
-// GradScaler's tensors, read on the device (no host sync).
-struct AmpArgs {
-  const float* grad_scale;  // null: no unscaling
-  const float* found_inf;   // null: never skip
-
-  RK_HOST_DEVICE bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -104,7 +73,7 @@ RK_HOST_DEVICE int32_t tensor_of_block(const LaunchTable& table, int64_t block) 
 
 // Where this block works: its tensor's entry, the chunk's offset in the tensor, its length.
 struct BlockWork {
-  TensorEntry entry;
+  TensorRecord entry;
   int64_t offset;  // first element of the chunk
   int32_t size;    // elements in the chunk (<= kChunk)
 };
@@ -152,9 +121,9 @@ __global__ void advance_steps_kernel(LaunchTable table, AmpArgs amp);
 
 // The tables of one op call, in host memory: one segment per launch, laid end to end.
 struct HostTables {
-  std::vector<int64_t> words;  // TensorEntry records and block_begin arrays, 8-byte words
+  std::vector<int64_t> words;  // TensorRecord tables and block_begin arrays, 8-byte words
   struct Segment {
-    size_t entries_word;      // offset of the segment's TensorEntry[] in words
+    size_t entries_word;      // offset of the segment's TensorRecord[] in words
     size_t block_begin_word;  // offset of its block_begin[]
     int32_t num_tensors;
     int32_t first_group;      // the launch's groups: [first_group, first_group + num_groups)
@@ -164,32 +133,16 @@ struct HostTables {
   std::vector<Segment> segments;
 };
 
-// What an op call's launches need once its arguments are checked: GradScaler's scalars, each
-// group's learning rate and the tables of the launches.
-struct PreparedCall {
-  AmpArgs amp;
-  // Each group's learning rate: the float, a Tensor lr on the parameters' device (read by the
-  // kernel), or a CPU Tensor lr's value for CUDA parameters (a host read, no device sync).
-  std::vector<LearningRate> rates;
-  std::vector<at::Tensor> keep_alive;  // Tensor lrs of other dtypes than fp32/fp64, converted on the device
-  HostTables tables;                   // tensors cut into launches of at most kMaxLaunchGroups groups
-};
-
-// Checks the tensors of a call (devices of ``device_type``, dtypes, sizes, layouts: common/arguments.h)
-// and prepares its launches. ``lists`` are the call's tensor lists in slot order, params first, each
-// of one tensor per parameter (already checked); ``tensor_group`` is each tensor's group.
-PreparedCall prepare_call(const std::vector<std::pair<const char*, at::TensorList>>& lists,
-                          at::TensorList state_steps, c10::DeviceType device_type,
-                          const std::vector<int32_t>& tensor_group, int32_t num_groups, at::ArrayRef<double> lrs,
-                          const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+// The launch tables of a call's records: tensors cut into launches of at most kMaxLaunchGroups
+// groups each (groups are consecutive spans of the records).
+HostTables build_tables(const std::vector<TensorRecord>& records, int32_t num_groups);
 
 // The device copy of ``tables`` (cached: see Note [Multi-tensor launch]); valid on ``stream``
 // until the tables of a later call with other addresses evict it.
 const int64_t* device_tables(const HostTables& tables, const at::Device& device, c10::cuda::CUDAStream stream);
 
 inline LaunchTable launch_table(const int64_t* device_words, const HostTables::Segment& segment) {
-  return LaunchTable{reinterpret_cast<const TensorEntry*>(device_words + segment.entries_word),
+  return LaunchTable{reinterpret_cast<const TensorRecord*>(device_words + segment.entries_word),
                      device_words + segment.block_begin_word, segment.num_tensors};
 }
 
@@ -225,14 +178,14 @@ class CudaLaunch {
   c10::cuda::CUDAStream stream_;
 };
 
-// Runs a prepared call's launches in order: each advances its step counters, then, where it has
-// blocks, ``update(segment, table)`` launches the update kernel.
+// Runs a call's launches in order: each advances its step counters, then, where it has blocks,
+// ``update(segment, table)`` launches the update kernel.
 template <typename Launch, typename Update>
-void run_launches(Launch& launch, const PreparedCall& call, const Update& update) {
-  const int64_t* words = launch.tables(call.tables);
-  for (const HostTables::Segment& segment : call.tables.segments) {
+void run_launches(Launch& launch, const HostTables& tables, const AmpArgs& amp, const Update& update) {
+  const int64_t* words = launch.tables(tables);
+  for (const HostTables::Segment& segment : tables.segments) {
     const LaunchTable table = launch_table(words, segment);
-    launch.advance(table, segment.num_tensors, call.amp);
+    launch.advance(table, segment.num_tensors, amp);
     if (segment.num_blocks > 0) {
       update(segment, table);
     }

@@ -1,7 +1,7 @@
 """Fused multi-tensor Adagrad in Triton: one launch updates every tensor of a bucket.
 
-Pointer table slots (see ``multi_tensor``): 0 param, 1 grad, 2 sum, 3 step. Hyperparameter row
-per group: ``lr, lr_decay, eps, weight_decay``. Step counters and AMP as in ``adam``.
+Pointer table rows (``multi_tensor``): PARAM, GRAD, STATE_SUM, then the step counters.
+Hyperparameter row per group: ``lr, lr_decay, eps, weight_decay``. Step counters and AMP as in ``adam``.
 
 The arithmetic is torch's fused CPU Adagrad's on every device: torch has no fused CUDA Adagrad, so
 that kernel is the low-precision reference on CUDA too (see ``_math._adagrad_math``).
@@ -12,9 +12,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from recap_kernels._triton import multi_tensor
 from recap_kernels._triton._math import CPU_ORDER, _adagrad_math, _load_lr, _to_storage, _unscale
-from recap_kernels._triton.adam import increment_steps
-from recap_kernels._triton.multi_tensor import TensorTable, _program_chunk, _slot_ptr
+from recap_kernels._triton.multi_tensor import GRAD, PARAM, STATE_SUM, TensorTable, _program_chunk, _slot_ptr
 
 ROW = tl.constexpr(4)  # hyperparameters per group row: lr, lr_decay, eps, weight_decay
 
@@ -31,10 +31,10 @@ def _adagrad_kernel(
         if tl.load(found_inf_ptr) != 0:
             return
     t, chunk_start, numel, group = _program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, tensor_group_ptr)
-    p_ptr = _slot_ptr(ptrs, 0, t, num_tensors, DTYPE)
-    g_ptr = _slot_ptr(ptrs, 1, t, num_tensors, DTYPE)
-    acc_ptr = _slot_ptr(ptrs, 2, t, num_tensors, DTYPE)
-    step_ptr = _slot_ptr(ptrs, 3, t, num_tensors, tl.float32)
+    p_ptr = _slot_ptr(ptrs, PARAM, t, num_tensors, DTYPE)
+    g_ptr = _slot_ptr(ptrs, GRAD, t, num_tensors, DTYPE)
+    acc_ptr = _slot_ptr(ptrs, STATE_SUM, t, num_tensors, DTYPE)
+    step_ptr = _slot_ptr(ptrs, STATE_SUM + 1, t, num_tensors, tl.float32)
 
     row = hyper_ptr + group * ROW
     lr = _load_lr(tl.load(row), lr_addr_ptr, group, num_groups)
@@ -72,4 +72,4 @@ def adagrad_launch(table: TensorTable, *, dtype, math_dtype, maximize: bool, gra
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
             enable_fp_fusion=False,  # only the FMAs _math spells out (Note [Operation orders])
         )
-    increment_steps(table, 3, found_inf)
+    multi_tensor.increment_steps(table, found_inf)

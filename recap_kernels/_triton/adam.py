@@ -1,8 +1,7 @@
 """Fused multi-tensor Adam/AdamW in Triton: one launch updates every tensor of a bucket.
 
-Pointer table slots (see ``multi_tensor``): 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq,
-4 max_exp_avg_sq (amsgrad only), last the step. Hyperparameter row per group:
-``lr, beta1, beta2, eps, weight_decay``.
+Pointer table rows (``multi_tensor``): PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ (amsgrad
+only), then the step counters. Hyperparameter row per group: ``lr, beta1, beta2, eps, weight_decay``.
 
 Each program reads its tensor's ``step`` from the device, computes the bias corrections as torch's
 fused kernel of the device does (``ORDER``, see Note [Operation orders] in ``_math``) and updates
@@ -18,7 +17,16 @@ import triton.language as tl
 
 from recap_kernels._triton import multi_tensor
 from recap_kernels._triton._math import _adam_math, _adam_scalars, _load_lr, _to_storage, _unscale
-from recap_kernels._triton.multi_tensor import TensorTable, _program_chunk, _slot_ptr
+from recap_kernels._triton.multi_tensor import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    GRAD,
+    MAX_EXP_AVG_SQ,
+    PARAM,
+    TensorTable,
+    _program_chunk,
+    _slot_ptr,
+)
 
 ROW = tl.constexpr(5)  # hyperparameters per group row: lr, beta1, beta2, eps, weight_decay
 
@@ -36,16 +44,16 @@ def _adam_kernel(
         if tl.load(found_inf_ptr) != 0:
             return
     t, chunk_start, numel, group = _program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, tensor_group_ptr)
-    p_ptr = _slot_ptr(ptrs, 0, t, num_tensors, DTYPE)
-    g_ptr = _slot_ptr(ptrs, 1, t, num_tensors, DTYPE)
-    m_ptr = _slot_ptr(ptrs, 2, t, num_tensors, DTYPE)
-    v_ptr = _slot_ptr(ptrs, 3, t, num_tensors, DTYPE)
+    p_ptr = _slot_ptr(ptrs, PARAM, t, num_tensors, DTYPE)
+    g_ptr = _slot_ptr(ptrs, GRAD, t, num_tensors, DTYPE)
+    m_ptr = _slot_ptr(ptrs, EXP_AVG, t, num_tensors, DTYPE)
+    v_ptr = _slot_ptr(ptrs, EXP_AVG_SQ, t, num_tensors, DTYPE)
     if AMSGRAD:
-        v_max_ptr = _slot_ptr(ptrs, 4, t, num_tensors, DTYPE)
-        step_ptr = _slot_ptr(ptrs, 5, t, num_tensors, tl.float32)
+        v_max_ptr = _slot_ptr(ptrs, MAX_EXP_AVG_SQ, t, num_tensors, DTYPE)
+        step_ptr = _slot_ptr(ptrs, MAX_EXP_AVG_SQ + 1, t, num_tensors, tl.float32)
     else:
         v_max_ptr = v_ptr  # unused
-        step_ptr = _slot_ptr(ptrs, 4, t, num_tensors, tl.float32)
+        step_ptr = _slot_ptr(ptrs, EXP_AVG_SQ + 1, t, num_tensors, tl.float32)
 
     # Per-tensor scalars, from torch's double hyperparameters, rounded as torch's fused kernel of ORDER rounds them.
     row = hyper_ptr + group * ROW
@@ -84,27 +92,6 @@ def _adam_kernel(
             tl.store(v_max_ptr + offs, _to_storage(v_max, DTYPE), mask=mask)
 
 
-@triton.jit
-def _increment_steps_kernel(step_addrs_ptr, num_tensors, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr):
-    """``step += 1`` for every tensor of the bucket (``+= 1 - found_inf`` under AMP)."""
-    i = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = i < num_tensors
-    steps = tl.load(step_addrs_ptr + i, mask=mask, other=0).to(tl.pointer_type(tl.float32))
-    increment = 1.0
-    if HAS_FOUND_INF:
-        increment = 1.0 - tl.load(found_inf_ptr)
-    tl.store(steps, tl.load(steps, mask=mask) + increment, mask=mask)
-
-
-def increment_steps(table: TensorTable, step_slot: int, found_inf) -> None:
-    block = 256
-    grid = (triton.cdiv(table.num_tensors, block),)
-    _increment_steps_kernel[grid](
-        table.ptrs[step_slot], table.num_tensors, found_inf, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=block
-    )
-
-
 def adam_launch(table: TensorTable, *, dtype, math_dtype, amsgrad: bool, decoupled: bool, maximize: bool,
                 grad_scale=None, found_inf=None) -> None:
     """Update every tensor of ``table`` in one launch, then advance their step counters."""
@@ -119,4 +106,4 @@ def adam_launch(table: TensorTable, *, dtype, math_dtype, amsgrad: bool, decoupl
             CHUNK_SIZE=cfg.chunk_size, BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps,
             enable_fp_fusion=False,  # only the FMAs _math spells out (Note [Operation orders])
         )
-    increment_steps(table, 5 if amsgrad else 4, found_inf)
+    multi_tensor.increment_steps(table, found_inf)

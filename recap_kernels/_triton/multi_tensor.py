@@ -2,24 +2,23 @@
 
 Data layout (all on the bucket's device):
 
-* ``ptrs``: int64 ``[S, T]``, the address of tensor ``t`` in slot ``s`` (param, grad, states...,
-  step). Kernels cast an entry to a typed pointer; there is no limit on ``T``, unlike
-  multi-tensor applies that pass addresses as a 4 KB kernel argument and relaunch every few dozen
-  tensors.
+* ``ptrs``: int64 ``[S + 1, T]``, the address of tensor ``t`` in slot ``s`` (:data:`PARAM`,
+  :data:`GRAD`, the states, in torch's fused kernels' order), then the step counters in the last
+  row. Kernels cast an entry to a typed pointer; there is no limit on ``T``, unlike multi-tensor
+  applies that pass addresses as a 4 KB kernel argument and relaunch every few dozen tensors.
 * ``numel``: int64 ``[T]``; ``tensor_group``: int32 ``[T]``, the row of the tensor's param group
   in the hyperparameter table.
 * ``chunk_tensor``: int32 ``[C]`` and ``chunk_start``: int64 ``[C]``: program ``c`` of a launch
   updates elements ``[chunk_start[c], chunk_start[c] + CHUNK_SIZE)`` of tensor ``chunk_tensor[c]``.
-* ``hyper``: float64 ``[G, H]``, one row of hyperparameters per param group, and ``lr_addr``:
-  int64 ``[2, G]``, the address of the group's learning rate when it is a float32 or float64
-  tensor on the device (row 0), and which of the two it is (row 1: 0 for the table's own value,
-  32 or 64), so a scheduler that updates a Tensor lr in place costs nothing and a CUDA graph
-  replays with the new value.
+* ``hyper``: float64 ``[G, F]``, one row of hyperparameters per param group (Note [Group
+  hyperparameters] in csrc/common/records.h), and ``lr_addr``: int64 ``[2, G]``, the address of
+  the group's learning rate when it is a Tensor on the device (row 0), and which dtype it is (row
+  1: 0 for the row's own value, 32 or 64), so a scheduler that updates a Tensor lr in place costs
+  nothing and a CUDA graph replays with the new value.
 
-Everything but the gradient addresses and the hyperparameters is built once per parameter set
-and cached until some address or size changes; gradients (new tensors after
-``zero_grad(set_to_none=True)``) and hyperparameters are compared with the cached copies each step
-and uploaded only when they differ.
+A table is built once per plan from a BoundBucket's ``addresses()`` (Note [Bound buckets] in
+csrc/common/bucket.h); at each step only the gradients' addresses (when they moved) and the
+hyperparameters (when they changed) are uploaded, each with one copy.
 """
 
 from __future__ import annotations
@@ -37,7 +36,14 @@ from torch import Tensor
 from recap_kernels._torch_numerics import torch_cuda_adam_opmath
 from recap_kernels._triton._math import CPU_ORDER, CUDA_DOUBLE_ORDER, CUDA_OPMATH_ORDER
 
-GRAD_SLOT = 1  # slot 0 is the parameter, slot 1 its gradient, then the states, then the step
+# Rows of ``ptrs``, named as torch's fused kernels name them (kParamIdx, kGradIdx, ...); the step
+# counters follow the last state row.
+PARAM = tl.constexpr(0)
+GRAD = tl.constexpr(1)
+EXP_AVG = tl.constexpr(2)
+EXP_AVG_SQ = tl.constexpr(3)
+MAX_EXP_AVG_SQ = tl.constexpr(4)
+STATE_SUM = tl.constexpr(2)
 
 
 @triton.jit
@@ -63,18 +69,16 @@ class LaunchConfig:
 
 
 # Why not @triton.autotune: its tuning runs would update the parameters through the pointer
-# table, which restore_value cannot protect. These are measured on scratch copies instead (see
-# bench/README.md); architectures not listed use the default.
+# table, which restore_value cannot protect. bench/tune_triton.py measures shapes on scratch copies
+# instead; no GPU run has been recorded yet, so every architecture uses this default until one is
+# (freeze the winner per compute capability here, citing the run).
 _DEFAULT_CONFIG = LaunchConfig(block_size=1024, chunk_size=16384, num_warps=4)
-_CONFIGS: dict[tuple[int, int], LaunchConfig] = {}
 # The interpreter runs a program as numpy operations: fewer, larger programs are faster there.
 _INTERPRETER_CONFIG = LaunchConfig(block_size=8192, chunk_size=8192, num_warps=1)
 
 
 def launch_config(device: torch.device) -> LaunchConfig:
-    if device.type != "cuda":
-        return _INTERPRETER_CONFIG
-    return _CONFIGS.get(torch.cuda.get_device_capability(device), _DEFAULT_CONFIG)
+    return _DEFAULT_CONFIG if device.type == "cuda" else _INTERPRETER_CONFIG
 
 
 def torch_cuda_order(device: torch.device) -> int:
@@ -94,31 +98,32 @@ def _torch_cuda_adam_opmath() -> bool:
     return torch_cuda_adam_opmath()  # reads a header of torch's: once per process
 
 
-def _addresses(tensors: list[Tensor]) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in tensors)
+def addresses_of(slots: list[list[Tensor]]) -> Tensor:
+    """The ``ptrs`` table (on the host) of these lists: one row per slot, the step counters last."""
+    return torch.tensor([[t.data_ptr() for t in slot] for slot in slots], dtype=torch.int64)
 
 
-def _upload(values, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list to the device without waiting for the device (pinned staging on CUDA)."""
-    host = torch.tensor(values, dtype=dtype)
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor to the device without waiting for the device (pinned staging on CUDA)."""
     if device.type == "cuda":
         # From pageable memory the copy would first wait for the stream; the caching host
         # allocator keeps the pinned buffer alive until the copy has run.
         return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return host.to(device, copy=True)
 
 
 class TensorTable:
-    """The device tables for one bucket of tensors (see the module docstring)."""
+    """The device tables for one run of a bucket (see the module docstring)."""
 
-    def __init__(self, slots: list[list[Tensor]], group_sizes: list[int], config: LaunchConfig, device):
+    def __init__(self, addresses: Tensor, numels: list[int], group_sizes: list[int], config: LaunchConfig,
+                 device: torch.device):
         self.device = device
         self.config = config
-        self.num_tensors = len(slots[0])
+        self.num_tensors = len(numels)
         self.num_groups = len(group_sizes)
-        self.grad_addresses = _addresses(slots[GRAD_SLOT])
-        self.ptrs = torch.tensor([_addresses(s) for s in slots], dtype=torch.int64).to(device)
-        numel = torch.tensor([t.numel() for t in slots[0]], dtype=torch.int64)
+        self.step_row = addresses.shape[0] - 1
+        self.ptrs = _upload(addresses, device)
+        numel = torch.tensor(numels, dtype=torch.int64)
         self.numel = numel.to(device)
         self.tensor_group = torch.repeat_interleave(
             torch.arange(len(group_sizes), dtype=torch.int32), torch.tensor(group_sizes, dtype=torch.int64)
@@ -135,68 +140,84 @@ class TensorTable:
         self._hyper_key: Any = None
         self._keep_alive: list[Tensor] = []
 
-    @staticmethod
-    def static_key_of(slots: list[list[Tensor]], group_sizes: list[int]) -> tuple:
-        """Everything the cached tables depend on, except the gradients."""
-        key = [tuple(group_sizes), tuple(t.numel() for t in slots[0])]
-        key.extend(_addresses(s) for i, s in enumerate(slots) if i != GRAD_SLOT)
-        return tuple(key)
+    def set_grads(self, grad_addresses: Tensor) -> None:
+        """The gradients' addresses (int64 ``[T]`` on the host), uploaded in one copy."""
+        self.ptrs[GRAD.value].copy_(_upload(grad_addresses, self.device))
 
-    def refresh_grads(self, grads: list[Tensor]) -> None:
-        addresses = _addresses(grads)
-        if addresses != self.grad_addresses:
-            self.ptrs[GRAD_SLOT].copy_(_upload(addresses, torch.int64, self.device))
-            self.grad_addresses = addresses
+    def set_hyper(self, hyper: list[float], lr_tensors: list[Tensor | None]) -> None:
+        """This step's per-group rows and Tensor lrs (:func:`recap_kernels.backends._base.hyper_rows`),
+        uploaded when they differ from the last step's.
 
-    def refresh_hyper(self, rows: list[tuple[float, ...]], lrs: list[Any]) -> None:
-        """Upload per-group hyperparameters when they changed; ``lrs`` are the groups' ``lr`` values.
-
-        A float32/float64 Tensor lr on the bucket's device is read by the kernel through its
-        address; a CPU Tensor lr on a CUDA bucket is read on the host (no device sync); any other
-        Tensor lr is copied to the device as float32 every step.
+        A Tensor lr (on this table's device: ``hyper_rows`` read any other on the host) is read by the
+        kernel through its address: float32/float64 in place, another dtype converted to float64 first.
         """
-        addrs, kinds, values, keep = [], [], [], []
-        for lr in lrs:
-            if torch.is_tensor(lr) and (lr.device.type != "cpu" or self.device.type == "cpu"):
-                if lr.dtype not in (torch.float32, torch.float64) or lr.device != self.device:
-                    lr = lr.to(device=self.device, dtype=torch.float32)
-                keep.append(lr)
-                addrs.append(lr.data_ptr())
-                kinds.append(64 if lr.dtype == torch.float64 else 32)
-                values.append(0.0)
-            else:
+        addrs, kinds, keep = [], [], []
+        for lr in lr_tensors:
+            if lr is None:
                 addrs.append(0)
                 kinds.append(0)
-                values.append(float(lr))
-        key = (tuple(rows), tuple(values), tuple(addrs), tuple(kinds))
+                continue
+            if lr.dtype not in (torch.float32, torch.float64):
+                lr = lr.to(torch.float64)
+            keep.append(lr)
+            addrs.append(lr.data_ptr())
+            kinds.append(64 if lr.dtype == torch.float64 else 32)
         self._keep_alive = keep
+        key = (tuple(hyper), tuple(addrs), tuple(kinds))
         if key == self._hyper_key:
             return
-        self.hyper = _upload([(v, *row) for v, row in zip(values, rows)], torch.float64, self.device)
-        self.lr_addr = _upload([addrs, kinds], torch.int64, self.device)
+        self.hyper = _upload(torch.tensor(hyper, dtype=torch.float64).view(self.num_groups, -1), self.device)
+        self.lr_addr = _upload(torch.tensor([addrs, kinds], dtype=torch.int64), self.device)
         self._hyper_key = key
 
 
-_TABLES_PER_BUCKET = 4
+@triton.jit
+def _increment_steps_kernel(step_addrs_ptr, num_tensors, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr):
+    """``step += 1`` for every tensor of the bucket (``+= 1 - found_inf`` under AMP)."""
+    i = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = i < num_tensors
+    steps = tl.load(step_addrs_ptr + i, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    increment = 1.0
+    if HAS_FOUND_INF:
+        increment = 1.0 - tl.load(found_inf_ptr)
+    tl.store(steps, tl.load(steps, mask=mask) + increment, mask=mask)
 
 
-def table_for(cache: dict, name: str, slots: list[list[Tensor]], group_sizes: list[int], device,
-              limit: int | None = None) -> TensorTable:
-    """The :class:`TensorTable` for these tensors, from ``cache`` when it has one.
+def increment_steps(table: TensorTable, found_inf) -> None:
+    """Advance every step counter of ``table`` (after the update launch: its programs read the old count)."""
+    block = 256
+    grid = (triton.cdiv(table.num_tensors, block),)
+    _increment_steps_kernel[grid](
+        table.ptrs[table.step_row], table.num_tensors, found_inf, HAS_FOUND_INF=found_inf is not None,
+        BLOCK_SIZE=block,
+    )
 
-    A few tables are kept per bucket (``limit``, least recently used first out), so a parameter
-    whose gradient is ``None`` every other step switches between two cached tables instead of
-    rebuilding one.
+
+_TABLES_PER_CACHE = 64
+
+
+def table_for(cache: OrderedDict, slots: list[list[Tensor]], group_sizes: list[int],
+              device: torch.device) -> TensorTable:
+    """The :class:`TensorTable` of these lists (traced steps: the lists arrive anew at each call).
+
+    Tables are cached by every address but the gradients' (least recently used first out); a hit
+    re-uploads the gradients' addresses when they moved.
     """
-    tables = cache.setdefault(name, OrderedDict())
-    key = TensorTable.static_key_of(slots, group_sizes)
-    table = tables.get(key)
+    addresses = addresses_of(slots)
+    key = (tuple(group_sizes), tuple(t.numel() for t in slots[PARAM]),
+           tuple(addresses[[r for r in range(addresses.shape[0]) if r != GRAD.value]].flatten().tolist()))
+    table = cache.get(key)
     if table is None:
-        table = TensorTable(slots, group_sizes, launch_config(device), device)
-        tables[key] = table
-        if len(tables) > (limit or _TABLES_PER_BUCKET):
-            tables.popitem(last=False)
+        table = TensorTable(addresses, [t.numel() for t in slots[PARAM]], group_sizes, launch_config(device), device)
+        table.grad_key = tuple(addresses[GRAD.value].tolist())
+        cache[key] = table
+        if len(cache) > _TABLES_PER_CACHE:
+            cache.popitem(last=False)
     else:
-        tables.move_to_end(key)
-        table.refresh_grads(slots[GRAD_SLOT])
+        cache.move_to_end(key)
+        grad_key = tuple(addresses[GRAD.value].tolist())
+        if grad_key != table.grad_key:
+            table.set_grads(addresses[GRAD.value])
+            table.grad_key = grad_key
     return table

@@ -1,14 +1,16 @@
-"""The Triton steps as torch custom ops, so ``torch.compile`` sees one opaque call per bucket.
+"""The Triton steps: a bucket's runs bound to device tables, launched; and the same as torch custom ops.
 
-Eager steps call :func:`adam_step` / :func:`adagrad_step` directly with the optimizer's own table
-cache. Under ``torch.compile`` the same functions run behind ``recap_kernels::triton_adam_`` and
-``recap_kernels::triton_adagrad_`` (declared with the tensors they mutate), because Dynamo cannot
-trace Triton launches that reach tensors through a pointer table; the op keeps its tables in a
-small process-wide cache keyed by the tensors' addresses instead.
+Eager steps (the ``triton`` backend, ``backends/triton_kernels.py``): :func:`bind_run` builds, once
+per plan, a run's BoundBucket (which gathers the gradients at each step, Note [Bound buckets] in
+csrc/common/bucket.h) and its :class:`~multi_tensor.TensorTable` from the bucket's addresses;
+:func:`step_run` uploads what changed since the last step (the gradients' addresses, the
+hyperparameter rows) and launches the update and the step counters.
 
-A group's learning rate reaches the kernel as a float (``lr_values``) or, when the group's ``lr``
-is a Tensor, through that tensor (``lr_tensors``, with ``lr_is_tensor`` saying which): keep lr in
-a tensor under ``torch.compile`` so that a scheduler changing it causes no recompilation.
+Traced steps (``torch.compile``): Dynamo cannot trace Triton launches that reach tensors through a
+pointer table, so the same launches run behind ``recap_kernels::triton_adam_`` and
+``recap_kernels::triton_adagrad_`` (declared with the tensors they mutate), which take the lists
+and keep their tables in a small process-wide cache keyed by the tensors' addresses. Keep lr in a
+tensor under ``torch.compile`` so that a scheduler changing it causes no recompilation.
 """
 
 from __future__ import annotations
@@ -19,16 +21,9 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from recap_kernels.backends._base import Bucket, Run
+from recap_kernels.backends._bound import bound_bucket
 from recap_kernels._triton import adagrad, adam, multi_tensor
-
-_COMPILED_TABLES: OrderedDict = OrderedDict()  # the cache of tables for steps run through the ops
-_COMPILED_TABLE_LIMIT = 64
-
-
-def _lrs(lr_values: list[float], lr_tensors: list[Tensor], lr_is_tensor: list[bool]) -> list:
-    tensors = iter(lr_tensors)
-    return [next(tensors) if is_tensor else value for value, is_tensor in zip(lr_values, lr_is_tensor)]
-
 
 # Storage dtype -> (Triton storage dtype, Triton math dtype): fp32 math for every storage but fp64.
 _TL_DTYPES = {
@@ -38,44 +33,49 @@ _TL_DTYPES = {
     torch.float64: (tl.float64, tl.float64),
 }
 
-
-def adam_step(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], steps: list[Tensor], group_sizes: list[int], hyper: list[float],
-    lr_values: list[float], lr_tensors: list[Tensor], lr_is_tensor: list[bool],
-    amsgrad: bool, decoupled: bool, maximize: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
-    cache: dict | None = None, name: str = "adam",
-) -> None:
-    """One fused Adam/AdamW launch over every tensor; ``hyper`` is ``(beta1, beta2, eps, wd)`` per group.
-
-    ``cache[name]`` holds the tables (the optimizer's bucket cache; the process-wide one if None).
-    """
-    slots = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [steps]
-    table = multi_tensor.table_for(_COMPILED_TABLES if cache is None else cache, name, slots, group_sizes,
-                                   params[0].device, limit=_COMPILED_TABLE_LIMIT if cache is None else None)
-    table.refresh_hyper([tuple(hyper[4 * i:4 * i + 4]) for i in range(len(group_sizes))],
-                        _lrs(lr_values, lr_tensors, lr_is_tensor))
-    dtype, math_dtype = _TL_DTYPES[params[0].dtype]
-    adam.adam_launch(table, dtype=dtype, math_dtype=math_dtype,
-                     amsgrad=amsgrad, decoupled=decoupled, maximize=maximize, grad_scale=grad_scale,
-                     found_inf=found_inf)
+_COMPILED_TABLES: OrderedDict = OrderedDict()  # the tables of steps run through the custom ops
 
 
-def adagrad_step(
-    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
-    group_sizes: list[int], hyper: list[float], lr_values: list[float], lr_tensors: list[Tensor],
-    lr_is_tensor: list[bool], maximize: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
-    cache: dict | None = None, name: str = "adagrad",
-) -> None:
-    """One fused Adagrad launch over every tensor; ``hyper`` is ``(lr_decay, eps, wd)`` per group."""
-    slots = [params, grads, state_sums, steps]
-    table = multi_tensor.table_for(_COMPILED_TABLES if cache is None else cache, name, slots, group_sizes,
-                                   params[0].device, limit=_COMPILED_TABLE_LIMIT if cache is None else None)
-    table.refresh_hyper([tuple(hyper[3 * i:3 * i + 3]) for i in range(len(group_sizes))],
-                        _lrs(lr_values, lr_tensors, lr_is_tensor))
-    dtype, math_dtype = _TL_DTYPES[params[0].dtype]
-    adagrad.adagrad_launch(table, dtype=dtype, math_dtype=math_dtype,
-                           maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+def _launch(kind: str, table: multi_tensor.TensorTable, dtype: torch.dtype, switches: tuple, grad_scale,
+            found_inf) -> None:
+    storage, math = _TL_DTYPES[dtype]
+    if kind == "adam":
+        amsgrad, decoupled, maximize = switches
+        adam.adam_launch(table, dtype=storage, math_dtype=math, amsgrad=amsgrad, decoupled=decoupled,
+                         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        (maximize,) = switches
+        adagrad.adagrad_launch(table, dtype=storage, math_dtype=math, maximize=maximize, grad_scale=grad_scale,
+                               found_inf=found_inf)
+
+
+def bind_run(kind: str, bucket: Bucket, run: Run) -> None:
+    """``run.bound`` and ``run.table`` for this plan."""
+    params = bucket.params[run.part]
+    device = bucket.key.device
+    run.bound = bound_bucket(params, bucket.run_states(kind, run), bucket.steps[run.part], run.sizes)
+    run.table = multi_tensor.TensorTable(run.bound.addresses(), [p.numel() for p in params], run.sizes,
+                                         multi_tensor.launch_config(device), device)
+    run.table.grads = None  # the gradients' addresses the device table holds (none yet)
+
+
+def step_run(kind: str, bucket: Bucket, run: Run, *, grad_scale, found_inf) -> None:
+    """One step of a bound run, after its ``bound.gather()`` succeeded."""
+    table = run.table
+    grads = run.bound.grad_addresses()
+    if table.grads is None or not torch.equal(grads, table.grads):
+        table.set_grads(grads)
+        table.grads = grads.clone()
+    table.set_hyper(*run.hyper)
+    _launch(kind, table, bucket.key.dtype, run.switches, grad_scale, found_inf)
+    run.bound.finish_step(grad_scale is not None)
+
+
+def _compiled_step(kind, slots, group_sizes, hyper, lr_tensors, switches, grad_scale, found_inf) -> None:
+    device = slots[0][0].device
+    table = multi_tensor.table_for(_COMPILED_TABLES, slots, group_sizes, device)
+    table.set_hyper(hyper, lr_tensors)
+    _launch(kind, table, slots[0][0].dtype, switches, grad_scale, found_inf)
 
 
 @torch.library.custom_op(
@@ -85,11 +85,13 @@ def adagrad_step(
 def triton_adam_(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor], steps: list[Tensor], group_sizes: list[int], hyper: list[float],
-    lr_values: list[float], lr_tensors: list[Tensor], lr_is_tensor: list[bool],
-    amsgrad: bool, decoupled: bool, maximize: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
+    lr_tensors: list[Tensor | None], amsgrad: bool, decoupled: bool, maximize: bool, grad_scale: Tensor | None,
+    found_inf: Tensor | None,
 ) -> None:
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, hyper, lr_values,
-              lr_tensors, lr_is_tensor, amsgrad, decoupled, maximize, grad_scale, found_inf)
+    if params:
+        slots = [params, grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if amsgrad else []), steps]
+        _compiled_step("adam", slots, group_sizes, hyper, lr_tensors, (amsgrad, decoupled, maximize), grad_scale,
+                       found_inf)
 
 
 @triton_adam_.register_fake
@@ -103,11 +105,12 @@ def _(*args, **kwargs) -> None:
 )
 def triton_adagrad_(
     params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
-    group_sizes: list[int], hyper: list[float], lr_values: list[float], lr_tensors: list[Tensor],
-    lr_is_tensor: list[bool], maximize: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
+    group_sizes: list[int], hyper: list[float], lr_tensors: list[Tensor | None], maximize: bool,
+    grad_scale: Tensor | None, found_inf: Tensor | None,
 ) -> None:
-    adagrad_step(params, grads, state_sums, steps, group_sizes, hyper, lr_values, lr_tensors, lr_is_tensor,
-                 maximize, grad_scale, found_inf)
+    if params:
+        _compiled_step("adagrad", [params, grads, state_sums, steps], group_sizes, hyper, lr_tensors, (maximize,),
+                       grad_scale, found_inf)
 
 
 @triton_adagrad_.register_fake

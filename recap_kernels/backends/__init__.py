@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from recap_kernels.backends import cpu_kernels, cuda_kernels, torch_optim, triton_kernels
+from recap_kernels.backends import native, torch_optim, triton_kernels
 from recap_kernels.backends._base import Availability, Backend, BackendUnavailableError, Bucket, BucketKey
 
 __all__ = [
@@ -37,7 +37,9 @@ __all__ = [
 log = logging.getLogger("recap_kernels")
 
 ENV_VAR = "RECAP_KERNELS_BACKEND"
-_REGISTRY: dict[str, Backend] = {b.name: b for b in (torch_optim, triton_kernels, cuda_kernels, cpu_kernels)}
+_REGISTRY: dict[str, Backend] = {
+    b.name: b for b in (torch_optim.BACKEND, triton_kernels.BACKEND, native.CUDA, native.CPU)
+}
 BACKEND_NAMES = tuple(_REGISTRY)
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 

@@ -1,10 +1,12 @@
-"""What every backend module provides, and what the optimizers hand to it.
+"""What every backend provides, and what the optimizers hand to it.
 
-A backend is a module-level object with a ``name``, an ``available(device)`` check, a
-``supports(kind, key, groups)`` check, and one step function per optimizer family
-(``adam_step``, ``adagrad_step``) taking a :class:`Bucket`. The optimizer classes know nothing
-else about kernels: they group tensors into buckets, ask the registry which backend runs each
-bucket, and call it.
+A backend is an object with a ``name``, an ``available(device)`` check, a ``supports(kind, key,
+groups)`` check, and the three calls of a step (:class:`Backend`). The optimizer classes know nothing
+else about kernels: they group tensors into :class:`Bucket` s, ask the registry which backend runs
+each bucket, and call it.
+
+Every backend reads a bucket's per-group hyperparameters in one format, :func:`hyper_rows` (Note
+[Group hyperparameters] in ``csrc/common/records.h``).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ class Availability(NamedTuple):
 OK = Availability(True, "")
 
 
-# Memory layouts of a parameter and its gradient, as buckets see them.
-CONTIGUOUS = "contiguous"  # parameter and gradient both contiguous: every kernel takes these
-STRIDED = "strided"  # a non-contiguous parameter or gradient: the torch backend's job
+# Memory layouts of a bucket's tensors, as the plan sees them.
+CONTIGUOUS = "contiguous"  # parameter, gradient and state contiguous and apart: every kernel takes these
+STRIDED = "strided"  # a non-contiguous parameter, gradient or state tensor: the torch backend's job
 SPARSE = "sparse"  # a sparse COO gradient
+OVERLAPPING = "overlapping"  # contiguous, but some tensors share memory: updated in order, by torch
 
 
 class BucketKey(NamedTuple):
@@ -56,10 +59,13 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def kernel_supports(kernels: str, key: BucketKey, groups) -> Availability:
-    """What every kernel backend takes: contiguous dense float tensors, without autograd.
+    """What every kernel backend takes: contiguous dense float tensors apart in memory, without autograd.
 
     ``kernels`` names them in the reason (e.g. "the Triton kernels").
     """
+    if key.layout == OVERLAPPING:
+        return Availability(False, f"{kernels} update tensors in parallel, and some of these parameters or "
+                                   f"their states share memory: they are updated one after another, in order")
     if key.layout != CONTIGUOUS:
         return Availability(False, f"{kernels} take contiguous dense tensors, not {key.layout} ones")
     if key.dtype not in KERNEL_DTYPES:
@@ -69,10 +75,79 @@ def kernel_supports(kernels: str, key: BucketKey, groups) -> Availability:
     return OK
 
 
-def layout_of(p: Tensor, grad: Tensor) -> str:
-    if grad.is_sparse:
-        return SPARSE
-    return CONTIGUOUS if p.is_contiguous() and grad.is_contiguous() else STRIDED
+# ------------------------------------------------------------------------------------------------
+# Per-group hyperparameters (Note [Group hyperparameters] in csrc/common/records.h)
+# ------------------------------------------------------------------------------------------------
+ADAM_FIELDS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+ADAGRAD_FIELDS = ("lr", "lr_decay", "eps", "weight_decay")
+
+
+def lr_operand(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """A group's lr as the kernels take it: ``(value, None)`` or ``(0.0, tensor read by the kernel)``.
+
+    The one Tensor-lr policy of every backend: a Tensor lr has one element; on the parameters' device
+    it is read where the kernel runs (no host sync: CUDA graphs, schedulers updating it in place); on
+    the CPU for parameters elsewhere it is read on the host, which needs no device sync; anywhere else
+    it is an error. Raised here, before any bucket of the step is written.
+    """
+    if not isinstance(lr, Tensor):
+        return float(lr), None
+    if lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not lr.is_floating_point():
+        raise TypeError(f"a Tensor lr must be floating point, not {lr.dtype}")
+    if lr.device == device:
+        return 0.0, lr
+    if lr.device.type == "cpu":
+        return float(lr), None
+    raise ValueError(f"a Tensor lr on {lr.device} cannot drive parameters on {device}: keep it on their "
+                     f"device or on the CPU")
+
+
+def hyper_rows(kind: str, groups: list[dict[str, Any]], device: torch.device) -> tuple[list[float], list]:
+    """``(hyper, lr_tensors)`` for these groups: one row of ``ADAM_FIELDS`` / ``ADAGRAD_FIELDS`` per group.
+
+    Read from the groups at every step (schedulers change them between steps).
+    """
+    rows: list[float] = []
+    lr_tensors: list[Tensor | None] = []
+    for group in groups:
+        lr, lr_tensor = lr_operand(group["lr"], device)
+        lr_tensors.append(lr_tensor)
+        if kind == "adagrad":
+            rows += (lr, float(group["lr_decay"]), float(group["eps"]), float(group["weight_decay"]))
+        else:
+            beta1, beta2 = group["betas"]
+            rows += (lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+    return rows, lr_tensors
+
+
+def state_names(kind: str, amsgrad: bool = False) -> tuple[str, ...]:
+    """The state tensors a kernel reads, in its slot order (after the parameter and the gradient)."""
+    if kind == "adagrad":
+        return ("sum",)
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+
+
+# ------------------------------------------------------------------------------------------------
+# Buckets
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Consecutive groups of a bucket that one kernel call updates: they agree on its compile-time
+    switches (amsgrad, AdamW's decoupled decay, maximize). Usually one run covers a bucket.
+
+    ``bound`` and ``table`` are what the backend keeps for this run while the plan lives (its
+    BoundBucket, Triton's device tables); ``hyper`` is this step's :func:`hyper_rows`.
+    """
+
+    switches: tuple
+    groups: list[dict[str, Any]]
+    sizes: list[int]
+    part: slice
+    bound: Any = None
+    table: Any = None
+    hyper: tuple = ()
 
 
 @dataclass
@@ -85,10 +160,9 @@ class Bucket:
     ``state`` maps torch's state key names (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
     ``sum``) to per-tensor lists, aligned with ``params`` (``None`` where a tensor's group has no
     such state, e.g. ``max_exp_avg_sq`` without amsgrad); ``steps`` are the ``state["step"]`` tensors.
-    ``cache`` persists across steps for this optimizer and bucket key: backends keep their device
-    tables there and rebuild them when the tensors change. ``scratch`` lives exactly as long as this
-    Bucket object (a new plan makes new Buckets): what a backend derives from this bucket's
-    parameter, state and step lists, which the cached plan keeps while it lives.
+    ``runs`` split it by the backend's compile-time switches. ``grads`` are this step's gradients
+    where a backend reads them in Python (the torch backend, traced steps); ``planned`` is what a
+    backend recorded when the plan was built, to check at each gather.
     """
 
     key: BucketKey
@@ -98,23 +172,25 @@ class Bucket:
     grads: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     state: dict[str, list[Tensor]] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
-    scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    runs: list[Run] = field(default_factory=list)
+    planned: Any = None
 
     def __len__(self) -> int:
         return len(self.params)
 
-    def runs(self, switches):
-        """``(switch values, groups, group sizes, tensor slice)`` per run of consecutive groups that agree.
-
-        ``switches(group)`` returns what a kernel compiles in (amsgrad, decoupled decay,
-        maximize): groups that differ in it need separate launches. Usually one run covers the
-        whole bucket.
-        """
+    def split_runs(self, switches) -> list[Run]:
+        """One :class:`Run` per stretch of consecutive groups on which ``switches(group)`` agrees."""
+        runs = []
         for value, members in groupby(zip(self.groups, self.spans), key=lambda item: switches(item[0])):
             members = list(members)
-            yield (value, [group for group, _ in members], [hi - lo for _, (lo, hi) in members],
-                   slice(members[0][1][0], members[-1][1][1]))
+            runs.append(Run(value, [group for group, _ in members], [hi - lo for _, (lo, hi) in members],
+                            slice(members[0][1][0], members[-1][1][1])))
+        return runs
+
+    def run_states(self, kind: str, run: Run) -> list[list[Tensor]]:
+        """The state lists a kernel of ``kind`` reads for ``run``, in slot order."""
+        amsgrad = kind == "adam" and run.switches[0]
+        return [self.state[name][run.part] for name in state_names(kind, amsgrad)]
 
     def per_group(self):
         """Yield ``(group, params, grads, steps, state)`` for each group's span."""
@@ -124,7 +200,47 @@ class Bucket:
             }
 
 
+# ------------------------------------------------------------------------------------------------
+# What the kernel backends (cpu, cuda, triton) share
+# ------------------------------------------------------------------------------------------------
+def kernel_switches(kind: str):
+    """What a kernel compiles in, per group: runs of groups that differ in it take separate calls."""
+    if kind == "adam":
+        return lambda group: (group["amsgrad"], group["decoupled_weight_decay"], group["maximize"])
+    return lambda group: (group["maximize"],)
+
+
+def gather_runs(kind: str, bucket: Bucket) -> str:
+    """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (traced steps,
+    which have none, read them as a list), then every run's :func:`hyper_rows`."""
+    for run in bucket.runs:
+        if run.bound is not None and run.bound.gather() != 0:
+            return run.bound.change()
+    if bucket.runs[0].bound is None:
+        bucket.grads = [p.grad for p in bucket.params]
+        if any(g is None for g in bucket.grads):
+            return f"a parameter of {bucket.key} has no gradient"
+    for run in bucket.runs:
+        run.hyper = hyper_rows(kind, run.groups, bucket.key.device)
+    return ""
+
+
+def amp_on_device(device: torch.device, grad_scale: Tensor | None, found_inf: Tensor | None):
+    """GradScaler's tensors where a bucket's kernels read them. A scaler serves every device of a model
+    from one scale: buckets elsewhere get an asynchronous copy (no host sync), as torch's fused
+    optimizers do."""
+    return tuple(t if t is None or t.device == device else t.to(device, non_blocking=True)
+                 for t in (grad_scale, found_inf))
+
+
 class Backend(Protocol):
+    """A backend: checks, then per plan ``bind``, per step ``gather`` (reads only) and ``step`` (writes).
+
+    ``gather`` returns ``""`` when the bucket's tensors are as the plan saw them, else why not;
+    ``step`` runs only after every bucket of the optimizer gathered, so a change anywhere rebuilds
+    the plan before anything is written.
+    """
+
     name: str
 
     def available(self, device: torch.device) -> Availability:
@@ -133,6 +249,12 @@ class Backend(Protocol):
     def supports(self, kind: str, key: BucketKey, groups: list[dict[str, Any]]) -> Availability:
         """Whether it can run ``kind`` ("adam" | "adagrad") for this bucket with these groups' options."""
 
-    def adam_step(self, bucket: Bucket, *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None: ...
+    def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
+        """Split ``bucket`` into runs and keep what its steps reuse (once per plan)."""
 
-    def adagrad_step(self, bucket: Bucket, *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None: ...
+    def gather(self, kind: str, bucket: Bucket) -> str:
+        """Read this step's gradients and hyperparameters; ``""`` when everything is as planned, else
+        the change. Raises for invalid hyperparameters (nothing is written before every bucket gathered)."""
+
+    def step(self, kind: str, bucket: Bucket, *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """Update every tensor of ``bucket`` (after a successful ``gather``)."""

@@ -2,10 +2,18 @@
 
 Each param group's span of a bucket goes to torch's functional ``adam`` / ``adagrad`` with that
 group's own flags, so ``foreach`` / ``fused`` / ``capturable`` choose torch's single-tensor, foreach
-or fused path exactly as they do for ``torch.optim.Adam`` itself.
+or fused path exactly as they do for ``torch.optim.Adam`` itself. It takes every bucket: strided,
+sparse, overlapping, complex, differentiable.
+
+Its gather reads the gradients in Python (torch's functional API takes lists) and checks that the
+bucket still holds what the plan was built for: every gradient present, and parameters and
+gradients of the planned dtype, shape, device and layout (a change rebuilds the plan, so torch's
+own step never meets a tensor it would reject halfway through the step).
 """
 
 from __future__ import annotations
+
+from operator import attrgetter
 
 import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
@@ -13,15 +21,13 @@ from torch.optim.adam import adam as _torch_adam
 
 from recap_kernels.backends._base import OK, Availability, Bucket, BucketKey
 
-name = "torch"
+_grad_of = attrgetter("grad")
 
 
-def available(device: torch.device) -> Availability:
-    return OK
-
-
-def supports(kind: str, key: BucketKey, groups) -> Availability:
-    return OK
+def _signature(p, g) -> tuple:
+    """What decides a tensor's bucket and what torch's step accepts: dtypes, shapes, devices, layouts."""
+    return (p.dtype, p.shape, p.device, p.layout, g.dtype, g.shape, g.device, g.layout,
+            g.layout == torch.strided and p.is_contiguous() and g.is_contiguous())
 
 
 def _amp_args(group, grad_scale, found_inf):
@@ -49,53 +55,59 @@ def _unscale(bucket: Bucket, grad_scale, found_inf) -> bool:
     return True
 
 
-def adam_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    if not _unscale(bucket, grad_scale, found_inf):
-        return
-    for group, params, grads, steps, state in bucket.per_group():
-        beta1, beta2 = group["betas"]
-        _torch_adam(
-            params,
-            grads,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            state["max_exp_avg_sq"] if group["amsgrad"] else [],
-            steps,
-            foreach=group["foreach"],
-            capturable=group["capturable"],
-            differentiable=group["differentiable"],
-            fused=group["fused"],
-            has_complex=any(torch.is_complex(p) for p in params),
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"],
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-            **_amp_args(group, grad_scale, found_inf),
-        )
+class TorchBackend:
+    name = "torch"
+
+    def __repr__(self) -> str:
+        return "<recap_kernels backend 'torch'>"
+
+    def available(self, device: torch.device) -> Availability:
+        return OK
+
+    def supports(self, kind: str, key: BucketKey, groups) -> Availability:
+        return OK
+
+    def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
+        bucket.runs = bucket.split_runs(lambda group: ())
+        bucket.planned = None if tracing else tuple(map(_signature, bucket.params, bucket.grads))
+
+    def gather(self, kind: str, bucket: Bucket) -> str:
+        grads = list(map(_grad_of, bucket.params))
+        if grads.count(None):
+            return f"params[{grads.index(None)}] of {bucket.key} has no gradient"
+        if bucket.planned is not None and tuple(map(_signature, bucket.params, grads)) != bucket.planned:
+            return f"a parameter or gradient of {bucket.key} changed dtype, shape, device or layout"
+        for group in bucket.groups:  # a bad Tensor lr raises here, before any bucket is written
+            if torch.is_tensor(group["lr"]) and group["lr"].numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        bucket.grads = grads
+        return ""
+
+    def step(self, kind: str, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+        if not _unscale(bucket, grad_scale, found_inf):
+            return
+        run = _torch_adam if kind == "adam" else _torch_adagrad
+        for group, params, grads, steps, state in bucket.per_group():
+            common = {
+                "foreach": group["foreach"],
+                "differentiable": group["differentiable"],
+                "fused": group["fused"],
+                "has_complex": any(torch.is_complex(p) for p in params),
+                "lr": group["lr"],
+                "weight_decay": group["weight_decay"],
+                "eps": group["eps"],
+                "maximize": group["maximize"],
+                **_amp_args(group, grad_scale, found_inf),
+            }
+            if kind == "adam":
+                beta1, beta2 = group["betas"]
+                run(params, grads, state["exp_avg"], state["exp_avg_sq"],
+                    state["max_exp_avg_sq"] if group["amsgrad"] else [], steps, capturable=group["capturable"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], beta1=beta1,
+                    beta2=beta2, **common)
+            else:
+                run(params, grads, state["sum"], steps, has_sparse_grad=bucket.key.sparse,
+                    lr_decay=group["lr_decay"], **common)
 
 
-def adagrad_step(bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-    if not _unscale(bucket, grad_scale, found_inf):
-        return
-    for group, params, grads, steps, state in bucket.per_group():
-        _torch_adagrad(
-            params,
-            grads,
-            state["sum"],
-            steps,
-            fused=group["fused"],
-            has_sparse_grad=bucket.key.sparse,
-            foreach=group["foreach"],
-            differentiable=group["differentiable"],
-            has_complex=any(torch.is_complex(p) for p in params),
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            lr_decay=group["lr_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-            **_amp_args(group, grad_scale, found_inf),
-        )
+BACKEND = TorchBackend()

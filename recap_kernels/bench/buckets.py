@@ -4,7 +4,9 @@ Workloads (fp32, every parameter with a gradient):
 
 * ``single``: one large tensor (1e9 parameters on CUDA, 16M on CPU), where a step is pure bandwidth;
 * ``many-small``: 5,000 tensors of 1 to 3,000 elements in 11 param groups with 11 learning rates,
-  where per-tensor overhead decides (the recap towers are hundreds of small tensors).
+  where per-tensor overhead decides (the recap towers are hundreds of small tensors);
+* ``tiny``: 5,000 one-element tensors in 11 groups, where a step is all host cost: its time is
+  the ``host`` column of every contender's rows.
 
 Contenders are stock ``torch.optim`` (single-tensor, foreach, fused) and every recap_kernels
 kernel backend available on the device; each steps the same parameters from the same starting
@@ -33,6 +35,7 @@ SINGLE_NUMEL = {"cuda": 1_000_000_000, "cpu": 16 * 2**20}
 # Roofline buffers: well past the last-level cache (this CPU's L3 is 260 MiB; an H200's L2 50 MiB).
 ROOFLINE_NUMEL = {"cuda": 2**28, "cpu": 2**26}
 MANY_SMALL = {"tensors": 5000, "max_numel": 3000, "groups": 11}
+TINY = {"tensors": 5000, "groups": 11}
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,13 @@ class BucketWorkload:
 
 
 def workloads(device: torch.device, scale: float = 1.0) -> list[BucketWorkload]:
-    """``single`` and ``many-small`` for ``device``; ``scale`` shrinks ``single`` (tests, quick runs)."""
+    """``single``, ``many-small`` and ``tiny`` for ``device``; ``scale`` shrinks ``single`` (tests, quick runs)."""
     gen = torch.Generator().manual_seed(0)
     many = torch.randint(1, MANY_SMALL["max_numel"] + 1, (MANY_SMALL["tensors"],), generator=gen).tolist()
     return [
         BucketWorkload("single", (max(1, int(SINGLE_NUMEL[device.type] * scale)),), 1),
         BucketWorkload("many-small", tuple(many), MANY_SMALL["groups"]),
+        BucketWorkload("tiny", (1,) * TINY["tensors"], TINY["groups"]),
     ]
 
 
@@ -152,6 +156,7 @@ def rows(results: list[BucketResult], roofline: dict[str, float], device: torch.
     """Long-format rows, the same fields as the recap workload's where they apply."""
     reference_key = "copy_gbps" if device.type == "cuda" else "stream_gbps"
     fused = {(r.workload, r.optimizer): quantiles(r.samples_ms)[0] for r in results if r.contender == "torch-fused"}
+    host = {(r.optimizer, r.contender): quantiles(r.samples_ms)[0] for r in results if r.workload == "tiny"}
     out = []
     for r in results:
         p50, p20, p80 = quantiles(r.samples_ms)
@@ -163,6 +168,7 @@ def rows(results: list[BucketResult], roofline: dict[str, float], device: torch.
             "roofline": reference_key.removesuffix("_gbps"), "roofline_gbps": roofline[reference_key],
             "frac_of_roofline": gbps / roofline[reference_key],
             "speedup_vs_torch_fused": fused.get((r.workload, r.optimizer), float("nan")) / p50,
+            "host_ms": host.get((r.optimizer, r.contender), float("nan")),
             "check": r.check, **roofline, **environment,
         })
     return out
@@ -176,15 +182,18 @@ def format_rows(table_rows: list[dict[str, Any]], roofline: dict[str, float], de
         f"copy {roofline['copy_gbps']:.1f} GB/s, in-place STREAM {roofline['stream_gbps']:.1f} GB/s "
         f"(% bw is of the {reference})",
     ]
-    header = ("workload", "optimizer", "contender", "p50 ms", "GB/s", "% bw", "x torch-fused", "check")
+    header = ("workload", "optimizer", "contender", "p50 ms", "GB/s", "% bw", "x torch-fused", "host ms", "check")
     table = [header] + [
         (r["workload"], r["optimizer"], r["contender"], f"{r['p50']:.3f}", f"{r['gbps']:.1f}",
-         f"{100 * r['frac_of_roofline']:.0f}", f"{r['speedup_vs_torch_fused']:.2f}", r["check"])
+         f"{100 * r['frac_of_roofline']:.0f}", f"{r['speedup_vs_torch_fused']:.2f}", f"{r['host_ms']:.3f}",
+         r["check"])
         for r in table_rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        cells = [c.ljust(w) if i in (0, 1, 2, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.ljust(w) if i in (0, 1, 2, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
-    lines.append("(GB/s at 28 B/param for Adam, 20 for Adagrad; x torch-fused: speed relative to torch's fused path)")
+    lines.append("(GB/s at 28 B/param for Adam, 20 for Adagrad; x torch-fused: speed relative to torch's fused path; "
+                 "host ms: the same contender's step on the tiny workload, 5,000 one-element tensors, where a step "
+                 "is all host cost)")
     return "\n".join(lines)

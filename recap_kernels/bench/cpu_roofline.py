@@ -52,12 +52,12 @@ def _op_step(optimizer: str, workload: buckets.BucketWorkload, params, grads):
         exp_avgs = [torch.zeros_like(p) for p in flat]
         exp_avg_sqs = [torch.zeros_like(p) for p in flat]
         beta1, beta2 = DEFAULTS["betas"]
-        return lambda: _ops.fused_adam_(flat, flat_grads, exp_avgs, exp_avg_sqs, [], steps, sizes, lrs, [None] * n,
-                                        [beta1] * n, [beta2] * n, [DEFAULTS["adam_eps"]] * n, [0.0] * n,
+        hyper = [x for lr in lrs for x in (lr, beta1, beta2, DEFAULTS["adam_eps"], 0.0)]
+        return lambda: _ops.fused_adam_(flat, flat_grads, exp_avgs, exp_avg_sqs, [], steps, sizes, hyper, [None] * n,
                                         amsgrad=False, decoupled=False, maximize=False)
     sums = [torch.zeros_like(p) for p in flat]
-    return lambda: _ops.fused_adagrad_(flat, flat_grads, sums, steps, sizes, lrs, [None] * n, [0.0] * n,
-                                       [DEFAULTS["adagrad_eps"]] * n, [0.0] * n, maximize=False)
+    hyper = [x for lr in lrs for x in (lr, 0.0, DEFAULTS["adagrad_eps"], 0.0)]
+    return lambda: _ops.fused_adagrad_(flat, flat_grads, sums, steps, sizes, hyper, [None] * n, maximize=False)
 
 
 def _op_result(workload: buckets.BucketWorkload, optimizer: str, reference: list[torch.Tensor] | None,

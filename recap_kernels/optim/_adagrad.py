@@ -42,10 +42,7 @@ class Adagrad(FusedStepMixin, torch.optim.Adagrad):
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
         # torch creates Adagrad's state eagerly, with ``step`` on the host unless fused.
-        self._place_steps()
-
-    def _state_keys(self, group):
-        return ("sum",)
+        self._normalize_state()
 
     def _check_param(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         # The errors torch.optim.Adagrad raises mid-step, raised here before anything changes.
@@ -66,7 +63,8 @@ class Adagrad(FusedStepMixin, torch.optim.Adagrad):
         init = self.defaults["initial_accumulator_value"]
         if torch.is_complex(p):
             init = complex(init, init)
-        return {"step": new_step(p), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
+        return {"step": new_step(p, on_device=self._step_on_device(group, p)),
+                "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
 
     def step(self, closure=None):
         """Perform a single optimization step: one fused update per bucket of tensors.

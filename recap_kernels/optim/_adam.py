@@ -14,9 +14,6 @@ from recap_kernels.optim._dispatch import FusedStepMixin, new_step
 class _AdamStep(FusedStepMixin):
     _kind = "adam"
 
-    def _state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-
     def _check_param(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         # The errors torch.optim.Adam raises mid-step, raised here before anything changes.
         if grad.is_sparse:
@@ -37,7 +34,7 @@ class _AdamStep(FusedStepMixin):
 
     def _new_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         state = {
-            "step": new_step(p),
+            "step": new_step(p, on_device=self._step_on_device(group, p)),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }

@@ -1,65 +1,141 @@
-"""The step shared by recap_kernels' optimizers: validate, bucket, resolve backends, then run.
+"""The step shared by recap_kernels' optimizers: plan, gather, run.
 
-A step happens in two phases so that a step that raises changes nothing:
+A step happens in three phases so that a step that raises changes nothing:
 
-1. *Plan* (no side effects): every parameter with a gradient is checked the way torch checks it,
-   sorted into buckets by (device, dtype, memory layout) across param groups, and each bucket's
-   backend is resolved through the registry. Any error is raised here, before state exists.
-2. *Run*: missing state is created in torch's layout, and each bucket goes to its backend.
-
-The plan is cached and reused while nothing that decides it changes (see ``_plan``), so a
-steady-state step does no per-tensor checking, bucketing or state lookup in Python.
+1. *Plan* (cached, see Note [Plan invalidation]): every parameter with a gradient is checked the
+   way torch checks it (and against its own gradient and state: dtypes, shapes, devices), sorted
+   into buckets by (device, dtype, memory layout) across param groups, and each bucket's backend is
+   resolved through the registry. Any error is raised before state exists; then missing state is
+   created in torch's layout and each backend binds its buckets (C++ bound buckets, device tables).
+2. *Gather* (reads only): every bucket reads this step's gradients and hyperparameters and checks
+   that its tensors are still what the plan was built for. A difference anywhere rebuilds the plan;
+   an invalid hyperparameter raises. No bucket has been written yet.
+3. *Run*: each bucket goes to its backend.
 
 Subclasses set ``_kind`` ("adam" | "adagrad") and implement ``_check_param(group, p, grad)``
 (torch's per-parameter errors), ``_new_state(group, p)`` and ``_state_keys(group)`` (torch's
 state layout).
+
+Note [Plan invalidation]
+A cached plan is an optimization, never a semantic: a step reuses it only when nothing that torch's
+own step reads afresh has changed. What is checked at every step, and how (constant Python work per
+param group and per bucket; the per-tensor checks run in C++):
+
+* the param groups: each group's identity, its ``"params"`` list's identity and length, whether its
+  ``lr`` is a Tensor, and the options that decide checks, buckets or state (``_PLANNING_OPTIONS``,
+  and whether ``weight_decay`` is zero), compared as one tuple (:meth:`FusedStepMixin._structure_key`);
+* the containers' contents: ``opt.state`` and every group's ``"params"`` are observed containers
+  (``_observed.py``) that count their changes; the plan records the count, so clearing, replacing,
+  deleting or editing state (``state[p]["exp_avg"] = t``, ``state[p]["step"] = ...``) and editing a
+  params list in place (``group["params"][0] = q``) are seen without walking them. ``opt.state``
+  replaced by another object is seen by identity (and becomes observed when the plan is rebuilt); a
+  params list replaced by a plain list is checked element by element (at C speed) while it is one;
+* parameters without a gradient when the plan was built: still without one (one C-level pass);
+* every bucket's tensors, by its backend's gather: the kernel backends' BoundBuckets check in C++
+  that each parameter, state tensor and step counter has the planned storage, dtype, shape, device
+  and contiguity, and that each gradient exists and is a contiguous dense tensor of its parameter's
+  dtype and shape (Note [Bound buckets] in csrc/common/bucket.h); the torch backend checks that
+  every gradient exists and that parameters and gradients keep their dtype, shape, device and layout;
+* the environment variables that select backends (``RECAP_KERNELS_BACKEND``, ``TRITON_INTERPRET``).
+
+Values the backends read afresh at every step are not part of a plan: lr, betas, eps, weight
+decay, lr_decay (and the value of a Tensor lr).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from operator import itemgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from recap_kernels.backends import ENV_VAR, Backend, Bucket, BucketKey, check_backend_name, resolve
-from recap_kernels.backends._base import layout_of
+from recap_kernels.backends._base import CONTIGUOUS, OVERLAPPING, SPARSE, STRIDED, state_names
+from recap_kernels.optim._observed import ObservedList, ObservedState, mutations, observed_state
+
+log = logging.getLogger("recap_kernels")
 
 _STEP_DTYPE = torch.float32
-# Group options that decide how tensors are checked, bucketed or given state (see _plan). Values
-# the backends read afresh each step (lr, betas, eps) are not among them.
+# Group options that decide how tensors are checked, bucketed or given state (see _structure_key).
+# Values the backends read afresh each step (lr, betas, eps, weight decay) are not among them.
 _PLANNING_OPTIONS = ("foreach", "fused", "capturable", "differentiable", "amsgrad", "maximize",
-                     "decoupled_weight_decay", "weight_decay", "initial_accumulator_value")
+                     "decoupled_weight_decay")
+# Devices whose kernels read ``step`` where the parameter lives; elsewhere torch's default keeps it
+# on the host (meta parameters, accelerators only the torch backend runs), unless fused/capturable.
+_KERNEL_DEVICES = ("cpu", "cuda")
+_grad_of = attrgetter("grad")
 
 
-_is_contiguous = Tensor.is_contiguous
+def _environment() -> tuple:
+    return os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET")
 
 
-def _gradient_layouts(grads: list[Tensor | None]) -> tuple:
-    """What the plan needs to know of this step's gradients: which exist, and in what layout.
-
-    The common case, every gradient present and contiguous, is one C-level pass; anything else
-    is spelled out per gradient (0 none, 1 contiguous, 2 strided, 3 sparse).
-    """
-    try:
-        layouts = tuple(map(_is_contiguous, grads))  # TypeError on a None gradient
-        if False not in layouts:
-            return layouts
-    except TypeError:
-        pass
-    return tuple([0 if g is None else 3 if g.is_sparse else 1 if g.is_contiguous() else 2 for g in grads])
-
-
-def new_step(p: Tensor, value: float = 0.0) -> Tensor:
+def new_step(p: Tensor, value: float = 0.0, on_device: bool = True) -> Tensor:
     """A parameter's step counter: 0-d float32 on the parameter's device (torch's fused layout).
 
     Kept on the device, not the host, so kernels read it without a host sync and a step can be
     captured in a CUDA graph; one counter per parameter, as torch keeps it, so resuming any
-    parameter's state (or adding a group later) keeps its own bias correction.
+    parameter's state (or adding a group later) keeps its own bias correction. ``on_device=False``
+    (parameters no kernel runs, such as meta tensors) keeps it on the host, as torch's default does.
     """
-    return torch.full((), value, dtype=_STEP_DTYPE, device=p.device)
+    return torch.full((), value, dtype=_STEP_DTYPE, device=p.device if on_device else "cpu")
+
+
+def _overlapping(tensors: list[Tensor]) -> bool:
+    """Whether any two of these contiguous tensors share memory (a kernel would race on it)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    return any(start < end for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+class _Plan:
+    """A step's buckets and backends, and what they were built from (Note [Plan invalidation])."""
+
+    def __init__(self, entries: list[tuple[Backend, Bucket]]) -> None:
+        self.entries = entries
+        self.backend_names = frozenset(backend.name for backend, _ in entries)
+
+    def record(self, opt: FusedStepMixin, structure: tuple, gradless: list[Tensor]) -> _Plan:
+        """What this plan was built from, for :meth:`current` (not for traced plans, which are not cached)."""
+        self.structure = structure
+        self.state = opt.state
+        self.mutations = mutations()  # after the state the plan created
+        self.environment = _environment()
+        self.plain_lists = [(group["params"], tuple(group["params"])) for group in opt.param_groups
+                            if type(group["params"]) is not ObservedList]
+        self.gradless = gradless
+        return self
+
+    def current(self, opt: FusedStepMixin) -> bool:
+        """Whether nothing that decides this plan changed since it was built (the tensors aside)."""
+        if opt.state is not self.state or mutations() != self.mutations or opt._structure_key() != self.structure:
+            return False
+        if _environment() != self.environment:
+            return False
+        for params, planned in self.plain_lists:
+            if len(params) != len(planned) or not all(map(is_, params, planned)):
+                return False
+        return not self.gradless or list(map(_grad_of, self.gradless)).count(None) == len(self.gradless)
+
+    def gather(self, kind: str) -> str:
+        """Every bucket's gather: ``""`` when all its tensors are as planned, else the first change."""
+        for backend, bucket in self.entries:
+            change = backend.gather(kind, bucket)
+            if change:
+                return change
+        return ""
+
+    def run(self, kind: str, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        for backend, bucket in self.entries:
+            backend.step(kind, bucket, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _check_amp(grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or t.dtype != torch.float32):
+            raise RuntimeError(f"{name} must be a one-element float32 tensor, as torch.amp.GradScaler makes it")
 
 
 class FusedStepMixin:
@@ -70,10 +146,8 @@ class FusedStepMixin:
     def _setup_backend(self, backend: str) -> None:
         self._backend_request = check_backend_name(backend)
         self._last_backends: frozenset[str] = frozenset()
-        self._bucket_caches: dict[BucketKey, dict] = {}  # per-bucket backend tables, see Bucket.cache
-        self._plan_cache: tuple | None = None  # (key, plan): see _plan
-        self._flat_cache: tuple | None = None  # (structure key, _flat_params(), the parameters alone)
-        self._state_generation = 0
+        self._plan_cache: _Plan | None = None
+        self._last_change = ""  # why the last plan was rebuilt (debugging, tests)
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels
         # unscale in place and skip an overflowing step without a host sync.
         self._step_supports_amp_scaling = True
@@ -95,7 +169,18 @@ class FusedStepMixin:
         raise NotImplementedError
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        raise NotImplementedError
+        return state_names(self._kind, group.get("amsgrad", False))
+
+    # -- observed containers (Note [Plan invalidation]) ----------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state":
+            value = observed_state(value)
+        super().__setattr__(name, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["params"] = ObservedList(group["params"])
 
     # -- the step ---------------------------------------------------------------------------------
     def _fused_step(self, closure=None):
@@ -107,126 +192,190 @@ class FusedStepMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        _check_amp(grad_scale, found_inf)
         # Autograd records the update only with differentiable=True. torch's optimizers get this
         # from a decorator that also breaks the torch.compile graph; a context manager does not,
         # and the kernels' custom ops mutate their arguments in place either way.
         with torch.set_grad_enabled(self.defaults["differentiable"]):
-            self._run(self._plan())
+            plan = self._plan()
+            plan.run(self._kind, grad_scale, found_inf)
+        self._last_backends = plan.backend_names
         return loss
 
-    def _run(self, plan: list[tuple[Backend, Bucket]]) -> None:
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for backend, bucket in plan:
-            getattr(backend, f"{self._kind}_step")(bucket, grad_scale=grad_scale, found_inf=found_inf)
-        self._last_backends = frozenset(backend.name for backend, _ in plan)
-
-    def _plan(self) -> list[tuple[Backend, Bucket]]:
-        """This step's buckets and their backends; cached while nothing that decides them changes.
-
-        What decides them: the param groups' membership and planning options, which parameters
-        have gradients and in what layout, the state's identity (``load_state_dict`` renews it)
-        and the environment variables that select backends. On a cache hit a step's per-tensor
-        Python work is gathering the gradients and reading their layouts; the buckets keep their
-        parameter and state lists, and pick up the new gradients with one C-level gather each.
-        """
+    def _plan(self) -> _Plan:
+        """This step's plan, gathered: the cached one when it still holds (Note [Plan invalidation])."""
         if torch.compiler.is_compiling():  # Dynamo traces the plan into the graph instead
-            return [(backend, bucket) for backend, bucket, _ in self._build_plan(self._flat_params())]
-        structure = self._structure_key()
-        if self._flat_cache is None or self._flat_cache[0] != structure:
-            flat = self._flat_params()
-            self._flat_cache = (structure, flat, [p for _, p in flat])
-        _, flat, params = self._flat_cache
-        grads = [p.grad for p in params]
-        key = (structure, _gradient_layouts(grads), self._state_generation, os.environ.get(ENV_VAR),
-               os.environ.get("TRITON_INTERPRET"))
-        cached = self._plan_cache
-        if cached is None or cached[0] != key:
-            cached = self._plan_cache = (key, self._build_plan(flat))
-        else:
-            for _, bucket, index in cached[1]:
-                bucket.grads = [grads[index[0]]] if len(index) == 1 else list(itemgetter(*index)(grads))
-        return [(backend, bucket) for backend, bucket, _ in cached[1]]
+            plan = self._build_plan(tracing=True)
+            plan.gather(self._kind)
+            return plan
+        plan = self._plan_cache
+        change = "no plan yet" if plan is None else "" if plan.current(self) else "the optimizer changed"
+        if not change:
+            change = plan.gather(self._kind)
+        if change:
+            self._last_change = change
+            log.debug("recap_kernels: a new step plan (%s)", change)
+            self._plan_cache = None  # a plan that fails to build must not stay cached
+            plan = self._plan_cache = self._build_plan()
+            change = plan.gather(self._kind)
+            if change:
+                raise RuntimeError(f"recap_kernels: a plan built this step does not hold ({change}); this is a "
+                                   f"bug, please report it")
+        return plan
 
-    def _flat_params(self) -> list[tuple[int, Tensor]]:
-        """``(group index, parameter)`` for every parameter, in optimizer order."""
-        return [(gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]]
-
-    def _structure_key(self) -> tuple:
+    def _structure_key(self) -> tuple | None:
         # Per group, not per tensor: membership (by identity and count) and the options that
         # change how tensors are checked, bucketed, or given state.
+        get = self.__dict__.get("_option_getter")
+        if get is None:
+            options = tuple(option for option in _PLANNING_OPTIONS if option in self.defaults)
+            get = self.__dict__["_option_getter"] = lambda group, _options=options: tuple(map(group.get, _options))
         return tuple(
-            (id(group["params"]), len(group["params"]), torch.is_tensor(group["lr"]),
-             *(group.get(option) for option in _PLANNING_OPTIONS))
+            (id(group), id(group["params"]), len(group["params"]), torch.is_tensor(group["lr"]),
+             not group.get("weight_decay"), get(group))
             for group in self.param_groups
         )
 
-    def _build_plan(self, flat: list[tuple[int, Tensor]]) -> list[tuple[Backend, Bucket, list[int]]]:
+    def _check_tensors(self, i: int, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict | None) -> None:
+        """What torch's step would reject halfway through, rejected before anything changes."""
+        where = f"parameter {i} of the optimizer ({tuple(p.shape)} {p.dtype} on {p.device})"
+        if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+            raise RuntimeError(f"{where} has a gradient of another dtype, shape or device ({tuple(grad.shape)} "
+                               f"{grad.dtype} on {grad.device}), e.g. set through .data: torch.optim fails on it too")
+        if not state:
+            return
+        for name in self._state_keys(group):
+            if name not in state:
+                raise RuntimeError(
+                    f"{where} has state without {name!r}, which this step needs"
+                    + (": amsgrad was switched on after its first step (torch.optim fails too, with KeyError); "
+                       "add the state (e.g. max_exp_avg_sq = exp_avg_sq.clone()) or clear this parameter's state"
+                       if name == "max_exp_avg_sq" else ""))
+            t = state[name]
+            if not isinstance(t, Tensor) or t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
+                got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+                raise RuntimeError(f"{where} has state {name!r} of another dtype, shape or device ({got}): "
+                                   f"torch.optim fails on it too; convert the state or load it with load_state_dict")
+        if "step" not in state:
+            raise RuntimeError(f"{where} has state without 'step'")
+
+    def _layout(self, p: Tensor, grad: Tensor, state: dict | None) -> str:
+        if grad.is_sparse:
+            return SPARSE
+        tensors = [p, grad] + [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
+        return CONTIGUOUS if all(t.is_contiguous() for t in tensors) else STRIDED
+
+    def _build_plan(self, tracing: bool = False) -> _Plan:
+        if not tracing and type(self.state) is not ObservedState:
+            self.__dict__["state"] = observed_state(self.state)
+        structure = None if tracing else self._structure_key()
+        flat = [(gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]]
+
         # Phase 1: checks only. Members of each bucket, per group, in optimizer order.
         members: dict[BucketKey, list[tuple[int, list[int]]]] = {}
+        gradless: list[Tensor] = []
         for i, (gi, p) in enumerate(flat):
             grad = p.grad
             if grad is None:
+                gradless.append(p)
                 continue
-            self._check_param(self.param_groups[gi], p, grad)
-            key = BucketKey(p.device, p.dtype, layout_of(p, grad))
+            group = self.param_groups[gi]
+            self._check_param(group, p, grad)
+            state = self.state.get(p)
+            self._check_tensors(i, group, p, grad, state)
+            key = BucketKey(p.device, p.dtype, self._layout(p, grad, state))
             spans = members.setdefault(key, [])
             if not spans or spans[-1][0] != gi:
                 spans.append((gi, []))
             spans[-1][1].append(i)
+        if not tracing:
+            for key in [k for k in members if k.layout == CONTIGUOUS and k.device.type in _KERNEL_DEVICES]:
+                written = [t for _, positions in members[key] for i in positions
+                           for t in (flat[i][1], *self._state_tensors(flat[i][1]))]
+                if _overlapping(written):
+                    members[key._replace(layout=OVERLAPPING)] = members.pop(key)
         chosen = {
             key: resolve(self._backend_request, key, self._kind, [self.param_groups[gi] for gi, _ in spans])
             for key, spans in members.items()
         }
 
         # Phase 2: nothing below raises for valid input; state is created only now.
-        plan = []
+        entries = []
         for key, spans in members.items():
-            bucket = Bucket(key, cache=self._bucket_caches.setdefault(key, {}))
-            keys = {k: [] for gi, _ in spans for k in self._state_keys(self.param_groups[gi])}
-            bucket.state = keys
-            index: list[int] = []
+            bucket = Bucket(key)
+            bucket.state = {name: [] for gi, _ in spans for name in self._state_keys(self.param_groups[gi])}
             for gi, positions in spans:
                 group = self.param_groups[gi]
                 start = len(bucket.params)
                 for i in positions:
                     p = flat[i][1]
-                    state = self.state[p]
-                    if len(state) == 0:
-                        state.update(self._new_state(group, p))
+                    state = self.state.get(p)
+                    if not state:
+                        self.state[p] = self._new_state(group, p)
+                        state = self.state[p]
+                    else:
+                        self._normalize_step(group, p, state)
                     bucket.params.append(p)
                     bucket.grads.append(p.grad)
                     bucket.steps.append(state["step"])
-                    for k, tensors in keys.items():
-                        tensors.append(state.get(k))  # None where this group keeps no such state
-                index.extend(positions)
+                    for name, tensors in bucket.state.items():
+                        tensors.append(state.get(name))  # None where this group keeps no such state
                 bucket.groups.append(group)
                 bucket.spans.append((start, len(bucket.params)))
-            plan.append((chosen[key], bucket, index))
-        return plan
+            chosen[key].bind(self._kind, bucket, tracing=tracing)
+            entries.append((chosen[key], bucket))
+        plan = _Plan(entries)
+        return plan if tracing else plan.record(self, structure, gradless)
+
+    def _state_tensors(self, p: Tensor) -> list[Tensor]:
+        state = self.state.get(p) or {}
+        return [t for k, t in state.items() if k != "step" and isinstance(t, Tensor)]
 
     # -- state placement ----------------------------------------------------------------------------
-    def _place_steps(self) -> None:
-        """Move every ``step`` to its parameter's device as 0-d float32 (see :func:`new_step`).
+    def _step_on_device(self, group: dict[str, Any], p: Tensor) -> bool:
+        return p.device.type in _KERNEL_DEVICES or bool(group.get("fused")) or bool(group.get("capturable"))
+
+    def _normalize_step(self, group: dict[str, Any], p: Tensor, state: dict) -> None:
+        """``state["step"]`` as :func:`new_step` makes it, keeping its value.
 
         torch keeps ``step`` on the host unless ``fused`` or ``capturable``; state loaded from a
-        ``torch.optim`` checkpoint or pickled by an older torch is brought to our layout here.
+        ``torch.optim`` checkpoint, pickled by an older torch or set by hand is brought to our layout.
         """
+        step = state.get("step")
+        if step is None:
+            return
+        device = p.device if self._step_on_device(group, p) else torch.device("cpu")
+        if not torch.is_tensor(step):
+            state["step"] = torch.full((), float(step), dtype=_STEP_DTYPE, device=device)
+        elif step.device != device or step.dtype != _STEP_DTYPE or step.dim() != 0:
+            state["step"] = step.detach().reshape(()).to(device=device, dtype=_STEP_DTYPE)
+
+    def _normalize_state(self) -> None:
+        """Every parameter's state in our layout: steps as :meth:`_normalize_step` makes them, and state
+        tensors laid out as their parameter (a checkpoint saved from a channels_last parameter loads
+        into a contiguous one as contiguous state, which the kernels take)."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or "step" not in state:
+                if not state:
                     continue
-                step = state["step"]
-                if not torch.is_tensor(step):
-                    state["step"] = new_step(p, float(step))
-                elif step.device != p.device or step.dtype != _STEP_DTYPE:
-                    state["step"] = step.to(device=p.device, dtype=_STEP_DTYPE)
+                self._normalize_step(group, p, state)
+                for name, value in list(state.items()):
+                    if name != "step" and isinstance(value, Tensor) and value.shape == p.shape and \
+                            value.layout == p.layout == torch.strided and value.stride() != p.stride():
+                        state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        self._place_steps()
-        self._state_generation += 1  # new state tensors: cached plans point at the old ones
+        self._normalize_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain dicts, as torch.optim returns them: a checkpoint loads anywhere, with weights_only=True.
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
+        return state_dict
 
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles defaults, state and param_groups; the backend request travels too.
@@ -234,11 +383,12 @@ class FusedStepMixin:
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_backend_request", "auto")
-        self.__dict__.setdefault("_last_backends", frozenset())
-        self.__dict__.setdefault("_bucket_caches", {})
-        self.__dict__.setdefault("_plan_cache", None)
-        self.__dict__.setdefault("_flat_cache", None)
-        self.__dict__.setdefault("_state_generation", 0)
-        self.__dict__.setdefault("_step_supports_amp_scaling", True)
-        self._place_steps()
+        self.__dict__["state"] = observed_state(self.state)
+        for group in self.param_groups:
+            if type(group["params"]) is not ObservedList:
+                group["params"] = ObservedList(group["params"])
+        for name, default in (("_backend_request", "auto"), ("_last_backends", frozenset()), ("_plan_cache", None),
+                              ("_last_change", ""), ("_step_supports_amp_scaling", True)):
+            self.__dict__.setdefault(name, default)
+        self.__dict__.pop("_option_getter", None)
+        self._normalize_state()

@@ -157,13 +157,14 @@ RK_HOST_DEVICE T unscale_grad_cuda(T g, float grad_scale) {
 }
 
 // One element of an Adam/AdamW step in torch's CUDA order; ``grad`` is already unscaled.
-template <typename T, bool OPMATH, bool AMSGRAD, bool DECOUPLED>
+// ``WD`` is how a nonzero weight decay applies (kL2 or kDecoupled); a zero one is skipped at run time.
+template <typename T, bool OPMATH, bool AMSGRAD, WeightDecay WD>
 RK_HOST_DEVICE void adam_update_cuda(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                                      const AdamCudaScalars<T, OPMATH>& s, bool maximize) {
   using H = typename AdamCudaScalars<T, OPMATH>::H;
   T g = maximize ? -grad : grad;
   if (s.weight_decay != H(0)) {  // skipped, not multiplied by zero: inf/NaN parameters as in torch
-    if constexpr (DECOUPLED) {
+    if constexpr (WD == WeightDecay::kDecoupled) {
       param = T(rk_fma(-(s.lr * s.weight_decay), H(param), H(param)));  // param -= lr * wd * param
     } else {
       g = T(rk_fma(H(param), s.weight_decay, H(g)));  // grad += param * wd

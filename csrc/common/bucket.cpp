@@ -1,0 +1,255 @@
+// BoundBucket (Note [Bound buckets] in bucket.h).
+#include "bucket.h"
+
+// torch's operator headers reach headers of its own that g++ -Wextra flags (unused parameters).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#include <ATen/ops/empty.h>
+#pragma GCC diagnostic pop
+#include <c10/core/TensorImpl.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace recap_kernels {
+namespace {
+
+// ``t`` still lives at ``data``, is a contiguous dense tensor of ``dtype`` on ``device`` and has
+// ``sizes``: what the kernels were planned for.
+bool same_as_planned(const at::Tensor& t, const void* data, c10::ScalarType dtype, const c10::Device& device,
+                     c10::IntArrayRef sizes) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return impl->layout() == c10::kStrided && impl->dtype() == dtype && impl->device() == device &&
+         impl->is_contiguous() && impl->sizes() == sizes && t.const_data_ptr() == data;
+}
+
+}  // namespace
+
+BoundBucket::BoundBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
+                         std::vector<at::Tensor> state_steps, std::vector<int64_t> group_sizes)
+    : params_(std::move(params)),
+      states_(std::move(states)),
+      steps_(std::move(state_steps)),
+      group_sizes_(std::move(group_sizes)) {
+  TORCH_CHECK(!params_.empty(), "a BoundBucket needs at least one parameter");
+  TORCH_CHECK(!states_.empty() && states_.size() + 2 <= static_cast<size_t>(kMaxSlots), "a BoundBucket takes 1 to ",
+              kMaxSlots - 2, " state lists, got ", states_.size());
+  // The list ops' checks, on the parameters standing in for their gradients (read by gather()).
+  std::vector<NamedList> named;
+  named.push_back({"params", params_});
+  named.push_back({"params", params_});
+  for (const auto& state : states_) {
+    named.push_back({"states", state});
+  }
+  ListCall call = list_call(named, steps_, group_sizes_, params_[0].device().type());
+  records_ = std::move(call.records);
+  starts_ = std::move(call.starts);
+  device_ = call.device;
+  dtype_ = call.dtype;
+  grad_addresses_ = at::empty({size()}, at::TensorOptions().dtype(at::kLong));
+  std::fill_n(grad_addresses_.data_ptr<int64_t>(), size(), int64_t(0));
+}
+
+int64_t BoundBucket::changed(size_t i, const char* what) {
+  std::ostringstream out;
+  out << "params[" << i << "]: " << what;
+  change_ = out.str();
+  gathered_ = false;
+  return static_cast<int64_t>(i) + 1;
+}
+
+namespace {
+
+// Note [Gather prefetch]
+// gather() touches a handful of small heap objects per parameter (the TensorImpls of the parameter,
+// its gradient, its states and its step counter, their StorageImpls, the parameter's autograd
+// metadata), scattered over memory; on a bucket of thousands of tiny tensors they are not in cache,
+// and reading them one after another leaves the loop waiting on one cache miss at a time. So the
+// loop asks for them ahead of use, in stages that follow the pointers: the TensorImpls kAhead
+// parameters ahead, what they point to (storages, autograd metadata) kAhead / 2 ahead, the
+// gradient's TensorImpl kAhead / 4 ahead. Prefetches never fault and change no result.
+constexpr int64_t kAhead = 16;
+
+inline void prefetch_lines(const void* p, int lines) {
+  for (int k = 0; k < lines; ++k) {
+    __builtin_prefetch(static_cast<const char*>(p) + 64 * k);
+  }
+}
+
+inline void prefetch_impl(const at::Tensor& t) { prefetch_lines(t.unsafeGetTensorImpl(), 3); }
+
+inline void prefetch_storage(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->has_storage()) {
+    prefetch_lines(impl->storage().unsafeGetStorageImpl(), 1);
+  }
+}
+
+}  // namespace
+
+const char* BoundBucket::check_and_gather(size_t i) {
+  TensorRecord& record = records_[i];
+  const at::Tensor& param = params_[i];
+  const c10::IntArrayRef sizes = param.sizes();
+  if (!same_as_planned(param, record.slots[kParamSlot], dtype_, device_, sizes) || param.numel() != record.numel) {
+    return "the parameter's storage, dtype, shape, device or layout changed";
+  }
+  const at::Tensor& grad = param.unsafeGetTensorImpl()->grad();
+  if (!grad.defined()) {
+    return "the parameter has no gradient";
+  }
+  const c10::TensorImpl* g = grad.unsafeGetTensorImpl();
+  if (g->layout() != c10::kStrided || g->dtype() != dtype_ || g->device() != device_ || !g->is_contiguous() ||
+      g->sizes() != sizes) {
+    return "the gradient is not a contiguous dense tensor of the parameter's dtype, shape and device";
+  }
+  for (size_t s = 0; s < states_.size(); ++s) {
+    if (!same_as_planned(states_[s][i], record.slots[kGradSlot + 1 + s], dtype_, device_, sizes)) {
+      return "a state tensor's storage, dtype, shape, device or layout changed";
+    }
+  }
+  const at::Tensor& step = steps_[i];
+  if (step.const_data_ptr() != record.step || step.scalar_type() != at::kFloat || step.numel() != 1 ||
+      step.device() != device_) {
+    return "the step counter's storage, dtype, size or device changed";
+  }
+  record.slots[kGradSlot] = grad.data_ptr();
+  return nullptr;
+}
+
+int64_t BoundBucket::gather() {
+  gathered_ = false;
+  const int64_t n = size();
+  int64_t first_change = n;
+  auto check_range = [&](int64_t begin, int64_t end) {
+    auto each_planned = [&](size_t j, auto&& fn) {
+      fn(params_[j]);
+      for (const auto& state : states_) {
+        fn(state[j]);
+      }
+      fn(steps_[j]);
+    };
+    for (int64_t i = begin; i < end; ++i) {
+      // Note [Gather prefetch]
+      if (i + kAhead < end) {
+        each_planned(i + kAhead, prefetch_impl);
+      }
+      if (i + kAhead / 2 < end) {
+        each_planned(i + kAhead / 2, prefetch_storage);
+        prefetch_lines(params_[i + kAhead / 2].unsafeGetTensorImpl()->autograd_meta(), 2);
+      }
+      if (i + kAhead / 4 < end) {
+        const at::Tensor& ahead = params_[i + kAhead / 4].unsafeGetTensorImpl()->grad();
+        if (ahead.defined()) {
+          prefetch_impl(ahead);
+        }
+      }
+      if (check_and_gather(i) != nullptr) {
+        first_change = i;
+        return;
+      }
+    }
+  };
+  check_range(0, n);
+  if (first_change < n) {
+    const int64_t i = first_change;
+    const char* reason = check_and_gather(i);
+    return changed(i, reason != nullptr ? reason : "changed while it was being checked");
+  }
+  bool moved = false;
+  int64_t* grad_addresses = grad_addresses_.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t address = reinterpret_cast<int64_t>(records_[i].slots[kGradSlot]);
+    moved = moved || address != grad_addresses[i];
+    grad_addresses[i] = address;
+  }
+  // The gradients' addresses decide the 128-bit path of the CUDA kernels (the other slots' were
+  // checked when the records were built).
+  if (moved) {
+    for (TensorRecord& record : records_) {
+      bool aligned = true;
+      for (size_t s = 0; s < 2 + states_.size(); ++s) {
+        aligned = aligned && reinterpret_cast<uintptr_t>(record.slots[s]) % 16 == 0;
+      }
+      record.aligned = aligned;
+    }
+  }
+  grads_moved_ = moved;
+  gathered_ = true;
+  change_.clear();
+  return 0;
+}
+
+at::Tensor BoundBucket::addresses() const {
+  const int64_t slots = 2 + num_states();
+  at::Tensor table = at::empty({slots + 1, size()}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < size(); ++i) {
+    for (int64_t s = 0; s < slots; ++s) {
+      out[s * size() + i] = reinterpret_cast<int64_t>(records_[i].slots[s]);
+    }
+    out[slots * size() + i] = reinterpret_cast<int64_t>(records_[i].step);
+  }
+  return table;
+}
+
+StepTensors BoundBucket::gathered(const char* op) const {
+  TORCH_CHECK(gathered_, "BoundBucket.", op, "() needs a successful gather() in the same step",
+              change_.empty() ? "" : " (the last one found: ", change_, change_.empty() ? "" : ")");
+  return StepTensors{records_, starts_, device_, dtype_};
+}
+
+void BoundBucket::finish_step(bool grads_written) {
+  // Note [Version counters]: every tensor the step wrote (the gradients only when AMP unscaled them).
+  for (const at::Tensor& t : params_) {
+    t.unsafeGetTensorImpl()->bump_version();
+    if (grads_written) {
+      t.unsafeGetTensorImpl()->grad().unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  for (const auto& state : states_) {
+    for (const at::Tensor& t : state) {
+      t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  for (const at::Tensor& t : steps_) {
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+  gathered_ = false;  // the next step gathers its own gradients
+}
+
+void BoundBucket::adam_step(std::vector<double> hyper, c10::List<std::optional<at::Tensor>> lr_tensors,
+                            bool amsgrad, bool decoupled, bool maximize, std::optional<at::Tensor> grad_scale,
+                            std::optional<at::Tensor> found_inf) {
+  TORCH_CHECK(num_states() == (amsgrad ? 3 : 2), "adam_step(amsgrad=", amsgrad, ") takes a BoundBucket with ",
+              amsgrad ? 3 : 2, " state lists, this one has ", num_states());
+  const AdamKernel kernel = device_kernels(device_.type(), emulate_cuda_).adam;
+  TORCH_CHECK(kernel != nullptr, "recap_kernels._C has no Adam kernels for ", device_.type(),
+              emulate_cuda_ ? " (CUDA emulation)" : "", " tensors");
+  run_adam(kernel, gathered("adam_step"), group_sizes_, hyper, lr_tensors, adam_options(amsgrad, decoupled, maximize),
+           grad_scale, found_inf);
+  finish_step(grad_scale.has_value());
+}
+
+void BoundBucket::adagrad_step(std::vector<double> hyper, c10::List<std::optional<at::Tensor>> lr_tensors,
+                               bool maximize, std::optional<at::Tensor> grad_scale,
+                               std::optional<at::Tensor> found_inf) {
+  TORCH_CHECK(num_states() == 1, "adagrad_step takes a BoundBucket with 1 state list, this one has ", num_states());
+  const AdagradKernel kernel = device_kernels(device_.type(), emulate_cuda_).adagrad;
+  TORCH_CHECK(kernel != nullptr, "recap_kernels._C has no Adagrad kernels for ", device_.type(),
+              emulate_cuda_ ? " (CUDA emulation)" : "", " tensors");
+  run_adagrad(kernel, gathered("adagrad_step"), group_sizes_, hyper, lr_tensors, maximize, grad_scale, found_inf);
+  finish_step(grad_scale.has_value());
+}
+
+DeviceKernels& device_kernels(c10::DeviceType device_type, bool emulated) {
+  static DeviceKernels cpu, cuda, emulated_cuda;
+  if (emulated) {
+    return emulated_cuda;
+  }
+  TORCH_CHECK(device_type == c10::kCPU || device_type == c10::kCUDA, "recap_kernels has no kernels for ",
+              device_type, " tensors");
+  return device_type == c10::kCPU ? cpu : cuda;
+}
+
+}  // namespace recap_kernels
