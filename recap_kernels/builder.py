@@ -19,6 +19,7 @@ schedule, or a schedule without a group, is a ``ValueError`` naming both sides.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -52,8 +53,8 @@ _UNSCHEDULED_LR = 1e10
 
 def build_optimizer(
     model: nn.Module,
-    optimizer_config: RecapOptimizerConfig | Mapping | str,
-    emb_optimizer_config: EmbeddingOptimizerConfig | Mapping | str | None = None,
+    optimizer_config: RecapOptimizerConfig | Mapping | str | os.PathLike,
+    emb_optimizer_config: EmbeddingOptimizerConfig | Mapping | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
 ) -> tuple[torch.optim.Optimizer, RecapLRScheduler]:
@@ -62,7 +63,8 @@ def build_optimizer(
     Args:
         model: the model; its ``named_parameters()`` are grouped as the module docstring says.
         optimizer_config: the dense optimizer: a :class:`RecapOptimizerConfig` or anything
-            :func:`~recap_kernels.config.load_optimizer_config` accepts.
+            :func:`~recap_kernels.config.load_optimizer_config` accepts (a path to a YAML file, YAML
+            text or a mapping).
         emb_optimizer_config: the embedding tables' optimizer: an :class:`EmbeddingOptimizerConfig`
             or anything :func:`~recap_kernels.config.load_embedding_optimizer_config` accepts.
         backend: the kernels of Adam and Adagrad (see :class:`recap_kernels.optim.Adam`); SGD is
@@ -77,6 +79,8 @@ def build_optimizer(
     Raises:
         ValueError: a parameter matches two towers; a tower matches no parameter; a group has
             parameters but no schedule, or a schedule has no parameters.
+        FileNotFoundError, TypeError, pydantic.ValidationError, yaml.YAMLError: a config does not
+            load (see :func:`~recap_kernels.config.load_optimizer_config`), before any parameter is grouped.
     """
     config = load_optimizer_config(optimizer_config)
     emb_config = None if emb_optimizer_config is None else load_embedding_optimizer_config(emb_optimizer_config)

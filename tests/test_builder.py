@@ -5,11 +5,14 @@ import io
 
 import pytest
 import torch
+import yaml
+from pydantic import ValidationError
 from torch import nn
 
 from recap_kernels import build_optimizer, compute_lr, optim
 from recap_kernels.backends import BACKEND_NAMES
 from recap_kernels.builder import CombinedOptimizer
+from recap_kernels.config import DuplicateKeyError
 
 TASKS = ("is_click.v2", "is_like")
 
@@ -147,6 +150,43 @@ def test_configs_may_be_yaml_text():
     assert scheduler.get_last_lr() == [0.25]
 
 
+def test_configs_may_be_files_named_with_any_extension(tmp_path):
+    # Recap jobs name configs freely: an upper-case extension, or none, is still a file, not YAML text.
+    dense, embedding = tmp_path / "optimizer", tmp_path / "embedding.YAML"
+    dense.write_text(yaml.safe_dump({"optimizer": _multi_task()}, sort_keys=False))
+    embedding.write_text(yaml.safe_dump({"embedding_optimizer": ADAGRAD}))
+    optimizer, scheduler = build_optimizer(HeavyRanker(), str(dense), str(embedding))
+    assert [g["name"] for g in optimizer.param_groups] == ["is_like", "is_click.v2", "backbone", "embeddings"]
+    assert scheduler.get_last_lr() == [0.02, 0.0, 0.0, 0.1]
+
+
+def test_a_missing_config_file_is_reported_by_name(tmp_path):
+    missing = tmp_path / "embedding.YAML"
+    with pytest.raises(FileNotFoundError, match="no such config file") as error:
+        build_optimizer(HeavyRanker(), _multi_task(), str(missing))
+    assert error.value.filename == str(missing)
+
+
+def test_a_config_file_repeating_a_tower_is_an_error_not_the_last_schedule(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        "optimizer:\n"
+        "  multi_task_learning_rates:\n"
+        "    backbone_learning_rate: {constant: 0.01}\n"
+        "    tower_learning_rates:\n"
+        "      is_like: {constant: 0.02}\n"
+        "      is_click.v2: {constant: 0.03}\n"
+        "      is_like: {constant: 0.5}\n"
+    )
+    with pytest.raises(DuplicateKeyError, match=r"found duplicate key 'is_like' \(first at line 5\)"):
+        build_optimizer(HeavyRanker(), path, ADAGRAD)
+
+
+def test_a_boolean_learning_rate_is_an_error_not_a_rate_of_one():
+    with pytest.raises(ValidationError, match="single_task_learning_rate.constant"):
+        build_optimizer(nn.Linear(2, 2), "optimizer:\n  single_task_learning_rate: {constant: true}\n")
+
+
 # -- errors: every group needs a schedule and every schedule a group --------------------------------
 
 
@@ -156,6 +196,11 @@ def test_a_parameter_in_two_towers_is_an_error():
     towers = {"a": {"constant": 0.1}, "b": {"constant": 0.1}}
     with pytest.raises(ValueError, match=r"parameter 'towers\.a\.b\.weight' matches towers 'a' and 'b'"):
         build_optimizer(model, _multi_task(towers, backbone=None))
+
+
+def test_an_empty_tower_mapping_is_an_error_not_a_backbone_only_model():
+    with pytest.raises(ValidationError, match="a multi-task config needs at least one tower"):
+        build_optimizer(HeavyRanker(), _multi_task(towers={}), ADAGRAD)
 
 
 def test_a_tower_without_parameters_is_an_error():

@@ -8,10 +8,12 @@ import yaml
 from pydantic import ValidationError
 
 from recap_kernels.config import (
+    DuplicateKeyError,
     EmbeddingOptimizerConfig,
     LearningRate,
     RecapAdamConfig,
     RecapOptimizerConfig,
+    UniqueKeyLoader,
     load_embedding_optimizer_config,
     load_optimizer_config,
 )
@@ -144,7 +146,12 @@ def test_optimizer_needs_exactly_one_of_multi_and_single_task(block, got):
         ({"single_task_learning_rate": {"constant": 0.1, "cosine": 0.1}}, "cosine"),
         ({"single_task_learning_rate": {"constant": 0.1}, "sgd": {}}, "sgd"),
         (
-            {"multi_task_learning_rates": {"tower_learning_rates": {}, "embedding_learning_rate": {"constant": 1}}},
+            {
+                "multi_task_learning_rates": {
+                    "tower_learning_rates": {"a": {"constant": 0.1}},
+                    "embedding_learning_rate": {"constant": 1},
+                }
+            },
             "embedding_learning_rate",
         ),
     ],
@@ -190,8 +197,9 @@ def test_adam_betas_must_be_in_range():
         RecapAdamConfig(beta_2=1.0)
 
 
-def test_yaml_that_is_not_a_mapping_is_a_type_error():
-    with pytest.raises(TypeError, match="expected a mapping for RecapOptimizerConfig"):
+def test_yaml_that_is_not_a_mapping_is_a_type_error_saying_what_it_got():
+    expected = r"expected a mapping for RecapOptimizerConfig .*; got list \['just', 'a list'\] in the YAML text$"
+    with pytest.raises(TypeError, match=expected):
         load_optimizer_config("- just\n- a list\n")
 
 
@@ -243,3 +251,244 @@ def test_sparse_adagrad_rejects_weight_decay():
         EmbeddingOptimizerConfig.model_validate(
             {"learning_rate": {"constant": 0.1}, "adagrad": {"mode": "sparse", "weight_decay": 0.01}}
         )
+
+
+# -- duplicate keys ---------------------------------------------------------------------------------
+
+TOWERS_WITH_A_REPEATED_TASK = textwrap.dedent(
+    """\
+    optimizer:
+      multi_task_learning_rates:
+        backbone_learning_rate: {constant: 0.1}
+        tower_learning_rates:
+          task.a: {constant: 0.001}
+          task.b: {constant: 0.002}
+          task.a: {constant: 0.003}
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "first_line", "second_line"),
+    [
+        (TOWERS_WITH_A_REPEATED_TASK, "'task.a'", 5, 7),
+        (DESIGN_EXAMPLE + "optimizer: {single_task_learning_rate: {constant: 0.1}}\n", "'optimizer'", 1, 11),
+        ("single_task_learning_rate: {constant: 0.1, constant: 0.2}", "'constant'", 1, 1),
+        ("adam: {beta_1: 0.9}\nadam: {beta_2: 0.99}\nsingle_task_learning_rate: {constant: 0.1}\n", "'adam'", 1, 2),
+    ],
+    ids=["tower", "whole-config-key", "flow-mapping", "block-key"],
+)
+def test_a_duplicate_key_is_an_error_naming_the_key_and_both_lines(text, key, first_line, second_line):
+    with pytest.raises(DuplicateKeyError) as error:
+        load_optimizer_config(text)
+    message = str(error.value)
+    assert f"found duplicate key {key} (first at line {first_line})" in message
+    assert f"line {second_line}, column" in message
+    assert isinstance(error.value, yaml.YAMLError)
+
+
+def test_a_duplicate_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        "embedding_optimizer:\n  learning_rate: {constant: 0.1}\n  adagrad: {eps: 1.0e-08}\n  adagrad: {eps: 0.1}\n"
+    )
+    with pytest.raises(DuplicateKeyError, match="found duplicate key 'adagrad' \\(first at line 3\\)") as error:
+        load_embedding_optimizer_config(str(path))
+    assert f'in "{path}", line 4' in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A merge brings keys in; the mapping's own keys override them, as YAML intends.
+        "defaults: &defaults {learning_rate: 0.1, num_ramp_steps: 10}\nramp: {<<: *defaults, num_ramp_steps: 20}\n",
+        # A merged-in mapping with a merge of its own, also used on its own afterwards.
+        "base: &b {a: 1, c: 3}\ny: {<<: &m {<<: *b, a: 5}, z: *m}\n",
+        "merged: {<<: [{a: 1}, {a: 2, b: 2}], b: 3}\n",
+    ],
+)
+def test_the_unique_key_loader_still_lets_a_mapping_override_merged_keys(text):
+    assert yaml.load(text, Loader=UniqueKeyLoader) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "defaults: &defaults {a: 1, a: 2}\nuse: {<<: *defaults}\n",
+        "1: one\n1.0: also one\n",
+    ],
+    ids=["inside-a-merged-anchor", "equal-as-values"],
+)
+def test_the_unique_key_loader_rejects_keys_that_collide_anywhere(text):
+    with pytest.raises(DuplicateKeyError, match="found duplicate key"):
+        yaml.load(text, Loader=UniqueKeyLoader)
+
+
+# -- strict numbers ---------------------------------------------------------------------------------
+
+RAMP = "single_task_learning_rate: {linear_ramp_to_constant: {learning_rate: 0.1, num_ramp_steps: 10}}"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ("single_task_learning_rate: {constant: true}", "single_task_learning_rate.constant", "valid number"),
+        ("single_task_learning_rate: {constant: false}", "single_task_learning_rate.constant", "valid number"),
+        ("single_task_learning_rate: {constant: '0.1'}", "single_task_learning_rate.constant", "valid number"),
+        ("single_task_learning_rate: {constant: .inf}", "single_task_learning_rate.constant", "finite number"),
+        ("single_task_learning_rate: {constant: .nan}", "single_task_learning_rate.constant", "finite number"),
+        (
+            RAMP.replace("learning_rate: 0.1", 'learning_rate: "0.1"'),
+            "single_task_learning_rate.linear_ramp_to_constant.learning_rate",
+            "valid number",
+        ),
+        (
+            RAMP.replace("num_ramp_steps: 10", "num_ramp_steps: true"),
+            "single_task_learning_rate.linear_ramp_to_constant.num_ramp_steps",
+            "valid integer",
+        ),
+        (
+            RAMP.replace("num_ramp_steps: 10", "num_ramp_steps: '10'"),
+            "single_task_learning_rate.linear_ramp_to_constant.num_ramp_steps",
+            "valid integer",
+        ),
+        (
+            # PyYAML reads 1e3 (no dot) as a string, which must not pass as 1000.
+            RAMP.replace("num_ramp_steps: 10", "num_ramp_steps: 1e3"),
+            "single_task_learning_rate.linear_ramp_to_constant.num_ramp_steps",
+            "valid integer",
+        ),
+        (
+            "single_task_learning_rate: {piecewise_constant: {learning_rate_boundaries: [true],"
+            " learning_rate_values: [0.1, 0.01]}}",
+            "single_task_learning_rate.piecewise_constant.learning_rate_boundaries.0",
+            "valid integer",
+        ),
+        (
+            "single_task_learning_rate: {piecewise_constant: {learning_rate_boundaries: [5],"
+            " learning_rate_values: [0.1, '0.01']}}",
+            "single_task_learning_rate.piecewise_constant.learning_rate_values.1",
+            "valid number",
+        ),
+        ("adam: {beta_1: true}\n" + RAMP, "adam.beta_1", "valid number"),
+        ("adam: {epsilon: '1.0e-07'}\n" + RAMP, "adam.epsilon", "valid number"),
+        (
+            "multi_task_learning_rates: {tower_learning_rates: {a: {constant: yes}}}",
+            "multi_task_learning_rates.tower_learning_rates.a.constant",
+            "valid number",
+        ),
+    ],
+)
+def test_numbers_are_strict_and_errors_name_the_field(text, field, message):
+    with pytest.raises(ValidationError, match=message) as error:
+        load_optimizer_config(text)
+    assert f"\n{field}\n" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ({"learning_rate": {"constant": 0.1}, "adagrad": {"eps": True}}, "adagrad.eps"),
+        (
+            {"learning_rate": {"constant": 0.1}, "adagrad": {"initial_accumulator_value": "0.1"}},
+            "adagrad.initial_accumulator_value",
+        ),
+        ({"learning_rate": {"constant": 0.1}, "sgd": {"momentum": "0.9"}}, "sgd.momentum"),
+        ({"learning_rate": {"constant": False}, "sgd": {}}, "learning_rate.constant"),
+    ],
+)
+def test_embedding_config_numbers_are_strict(block, field):
+    with pytest.raises(ValidationError, match="Input should be a valid number") as error:
+        load_embedding_optimizer_config(block)
+    assert f"\n{field}" in str(error.value)
+
+
+def test_ints_are_accepted_as_reals_and_whole_floats_as_step_counts():
+    # Guards against over-strictness: `constant: 1` is a learning rate of 1.0, and PyYAML's 1.0e+3 is 1000 steps.
+    config = load_optimizer_config("single_task_learning_rate: {constant: 1}\nadam: {beta_1: 0, epsilon: 1}")
+    assert config.single_task_learning_rate.constant == 1.0
+    assert type(config.single_task_learning_rate.constant) is float
+    assert (config.adam.beta_1, config.adam.epsilon) == (0.0, 1.0)
+    ramp = load_optimizer_config(RAMP.replace("num_ramp_steps: 10", "num_ramp_steps: 1.0e+3"))
+    assert ramp.single_task_learning_rate.linear_ramp_to_constant.num_ramp_steps == 1000
+    assert type(ramp.single_task_learning_rate.linear_ramp_to_constant.num_ramp_steps) is int
+    with pytest.raises(ValidationError, match="got a number with a fractional part"):
+        load_optimizer_config(RAMP.replace("num_ramp_steps: 10", "num_ramp_steps: 10.5"))
+
+
+# -- degenerate configs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "multi_task_learning_rates: {tower_learning_rates: {}, backbone_learning_rate: {constant: 0.1}}",
+        "optimizer:\n  multi_task_learning_rates:\n    tower_learning_rates: {}\n",
+    ],
+)
+def test_an_empty_tower_mapping_is_rejected(text):
+    with pytest.raises(ValidationError, match="a multi-task config needs at least one tower") as error:
+        load_optimizer_config(text)
+    assert "\nmulti_task_learning_rates.tower_learning_rates\n" in str(error.value)
+
+
+# -- what a source is: a file, YAML text or a mapping -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["train.YAML", "train.Yml", "train", "train.cfg", "optimizer.yaml.bak"])
+def test_a_string_naming_an_existing_file_is_read_whatever_the_extension(tmp_path, name):
+    path = tmp_path / name
+    path.write_text(DESIGN_EXAMPLE)
+    _check_design_example(load_optimizer_config(str(path)))
+
+
+def test_a_relative_path_without_an_extension_is_a_file(tmp_path, monkeypatch):
+    (tmp_path / "embedding").write_text("learning_rate: {constant: 0.05}\nsgd: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_embedding_optimizer_config("embedding").learning_rate.constant == 0.05
+
+
+@pytest.mark.parametrize("name", ["missing.yaml", "missing.YAML", "configs/missing", "C:/configs/train.YAML"])
+def test_a_path_like_string_naming_no_file_is_a_file_not_found_error(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such config file") as error:
+        load_optimizer_config(name)
+    assert error.value.filename == name
+    assert repr(name) in str(error.value)
+
+
+def test_a_missing_path_object_is_a_file_not_found_error_naming_it(tmp_path):
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(FileNotFoundError, match="no such config file") as error:
+        load_embedding_optimizer_config(path)
+    assert error.value.filename == str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "got"), [("- a\n- b\n", r"got list \['a', 'b'\]"), ("", "got an empty document")]
+)
+def test_a_file_that_is_not_a_mapping_is_a_type_error_naming_the_file(tmp_path, content, got):
+    path = tmp_path / "train.YAML"
+    path.write_text(content)
+    with pytest.raises(TypeError, match=f"expected a mapping for RecapOptimizerConfig .*; {got} in file") as error:
+        load_optimizer_config(str(path))
+    assert repr(str(path)) in str(error.value)
+
+
+def test_one_line_text_that_is_not_a_mapping_says_no_such_file_exists():
+    with pytest.raises(TypeError, match=r"got str 'configs: train\.yaml' in the YAML text .*no file .* exists"):
+        load_optimizer_config("'configs: train.yaml'")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{single_task_learning_rate: {constant: 0.25}}",
+        "single_task_learning_rate: {constant: 0.25}",
+        '{"single_task_learning_rate": {"constant": 0.25}}',
+        "optimizer:\n  single_task_learning_rate:\n    constant: 0.25",
+    ],
+)
+def test_one_line_yaml_text_is_still_text(text):
+    # Guards the path rule from the other side: mapping syntax on one line is text, not a missing file.
+    assert load_optimizer_config(text).single_task_learning_rate.constant == 0.25
