@@ -18,7 +18,9 @@ any x86-64 CPU; no -march=native. They are compiled with -ffp-contract=off (nvcc
 update math must round exactly as torch's fused kernels do (csrc/include/recap_kernels/adam_math.h).
 
 The CUDA kernels follow the operation order of the fused CUDA Adam of the torch they are built
-against (recap_kernels/_torch_numerics.py reads it from torch's installed header). Compiler warnings
+against, and that of its fused CUDA Adagrad where it has one (torch >= 2.12; the CPU kernel's order
+otherwise): recap_kernels/_torch_numerics.py reads both from torch's installed headers, and the build
+records them in _build_info.json (cuda_adam_order, cuda_adagrad_order). Compiler warnings
 are errors for our sources; ptxas warns of register spills, and bench/ptxas_report.py (which reads
 the RECAP_KERNELS_PTXAS_REPORT=1 output) fails on any spill in our kernels. Not every ptxas warning
 is an error: CUDA's own float-division slow path spills 4 bytes on sm_90, outside our control.
@@ -72,14 +74,14 @@ def _find_cuda_home() -> str | None:
     return None
 
 
-def _torch_cuda_adam_opmath() -> bool:
-    """torch's fused CUDA Adam order, from recap_kernels/_torch_numerics.py (loaded by path: the package
-    itself is not importable before it is built)."""
+def _torch_numerics():
+    """recap_kernels/_torch_numerics.py, loaded by path: the package itself is not importable before it
+    is built. It says which operation orders torch's fused CUDA kernels use."""
     spec = importlib.util.spec_from_file_location("_torch_numerics", os.path.join(ROOT, "recap_kernels",
                                                                                   "_torch_numerics.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.torch_cuda_adam_opmath()
+    return module
 
 
 def _sources(*patterns: str) -> list[str]:
@@ -149,13 +151,18 @@ def _extensions_and_info():
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         info["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
-        opmath = _torch_cuda_adam_opmath()
+        numerics = _torch_numerics()
+        opmath = numerics.torch_cuda_adam_opmath()
         info["cuda_adam_order"] = "opmath" if opmath else "double"
+        fused_adagrad = numerics.torch_cuda_fused_adagrad()
+        info["cuda_adagrad_order"] = "torch-cuda" if fused_adagrad else "cpu"
         nvcc = ["-O0", "-g", "-lineinfo"] if debug else ["-O3"]
         nvcc += [
             "-std=c++20",
             "--fmad=false",  # no FMA the source does not spell out (Note [Operation order], adam_math.h)
             f"-DRECAP_KERNELS_TORCH_CUDA_ADAM_OPMATH={int(opmath)}",
+            # Note [CUDA Adagrad order] in adagrad_math.h: torch's fused CUDA Adagrad's order, or the CPU one
+            f"-DRECAP_KERNELS_TORCH_CUDA_FUSED_ADAGRAD={int(fused_adagrad)}",
             "--Werror", "all-warnings",
             # -Wno-unused-parameter: torch's c10/cuda allocator headers have some (nvcc's host pass
             # does not treat them as system headers).

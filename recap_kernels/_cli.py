@@ -85,6 +85,9 @@ def info() -> int:
             ("cuda adam order", {"opmath": "torch >= 2.11 fused CUDA Adam (fp32 hyperparameters, FMA moments)",
                                  "double": "torch < 2.11 fused CUDA Adam (double hyperparameters)"}.get(
                                      build.get("cuda_adam_order", ""), "n/a")),
+            ("cuda adagrad order", {"torch-cuda": "torch >= 2.12 fused CUDA Adagrad (double hyperparameters)",
+                                    "cpu": "torch's fused CPU Adagrad (torch < 2.12 has no fused CUDA one)"}.get(
+                                        build.get("cuda_adagrad_order", ""), "n/a")),
             ("built against", f"torch {build['torch']}" if "torch" in build else "unknown"),
             ("notes", "; ".join(build.get("notes", [])) or "none"),
             ("_C", f"loaded from {module.__file__}" if module is not None else f"not loaded: {why_not}"),

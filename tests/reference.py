@@ -14,8 +14,15 @@ implementation's ``state_dict`` in both directions.
 
 For bf16/fp16 storage the reference is torch's fused path (fp32 math, one rounding per store),
 so both sides get ``fused=True`` and results must agree to one unit in the last place. torch's
-Adagrad has a fused path on the CPU only: on another device its low-precision reference runs on
-CPU copies of the same data (our CUDA Adagrad follows that kernel's operation order).
+Adagrad has a fused CUDA path since torch 2.12 (our CUDA and Triton Adagrad follow its operation
+order on CUDA there); with an older torch its only fused Adagrad is the CPU one, and on CUDA its
+low-precision reference runs on CPU copies of the same data (our kernels then follow that kernel's
+order on every device).
+
+torch's fused CUDA kernels are also transcribed here, operation for operation
+(:func:`torch_cuda_opmath_adam`, :func:`torch_cuda_fused_adagrad`), so the kernels that follow them
+are checked bit for bit on a machine without a GPU: the CUDA kernels' host emulation and the Triton
+kernels in the interpreter.
 """
 
 from __future__ import annotations
@@ -268,8 +275,12 @@ def build_pair(
 
 
 def reference_device(options: Options, dtype: torch.dtype, device) -> torch.device:
-    """Where the reference runs: on ``device``, except low-precision Adagrad off the CPU (see the module doc)."""
-    if options.optimizer == "adagrad" and dtype in LOW_PRECISION and torch.device(device).type != "cpu":
+    """Where the reference runs: on ``device``, except low-precision Adagrad off the CPU with a torch that
+    has no fused CUDA Adagrad (see the module doc)."""
+    from recap_kernels._torch_numerics import torch_cuda_fused_adagrad
+
+    if (options.optimizer == "adagrad" and dtype in LOW_PRECISION and torch.device(device).type != "cpu"
+            and not torch_cuda_fused_adagrad()):
         return torch.device("cpu")
     return torch.device(device)
 
@@ -330,14 +341,62 @@ def check_equivalence(
 
 
 # ------------------------------------------------------------------------------------------------
-# torch's fused CUDA Adam, transcribed (the kernels that follow its order are checked against it
-# bit for bit on the CPU: the Triton kernels in the interpreter, the CUDA kernels' host emulation)
+# torch's fused CUDA Adam and Adagrad, transcribed (the kernels that follow their order are checked
+# against them bit for bit on the CPU: the Triton kernels in the interpreter, the CUDA kernels' host
+# emulation)
 # ------------------------------------------------------------------------------------------------
 # IEEE fp32 arithmetic, as nvcc compiles it, through fp64: the fp64 result rounds to the correctly
 # rounded fp32 one for division and square root of fp32 values (torch's vectorized CPU sqrt is off
-# by an ulp now and then), and the fp32 product in an FMA is exact.
+# by an ulp now and then), and the fp32 product in an FMA is exact, its sum rounded to odd in fp64
+# then rounds to the fp32 FMA's result.
 def _fma32(a, b, c):
-    return (a.double() * b.double() + c.double()).float()
+    return _add_round_to_odd(a.double() * b.double(), c.double()).float()
+
+
+def _two_sum(a, b):
+    """``(s, e)``: fp64 ``s = a + b`` rounded to nearest and ``s + e == a + b`` exactly (Knuth's TwoSum)."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def _split(a):
+    """fp64 ``a == hi + lo`` exactly, each half with at most 26 significant bits (Veltkamp)."""
+    scaled = a * 134217729.0  # 2 ** 27 + 1
+    hi = scaled - (scaled - a)
+    return hi, a - hi
+
+
+def _add_round_to_odd(a, b):
+    """fp64 ``a + b`` rounded to odd: an exact sum as it is, any other to its neighbour with an odd last bit.
+
+    Rounding to odd in fp64 and then to nearest in a format of at most 51 bits rounds once (Boldo and
+    Melquiond).
+    """
+    s, e = _two_sum(a, b)
+    bits = s.view(torch.int64)
+    toward_sum = torch.where((e > 0) == (s > 0), 1, -1)  # one step up in magnitude when e has s's sign
+    inexact_and_even = (e != 0) & (bits & 1 == 0) & torch.isfinite(s)
+    return torch.where(inexact_and_even, bits + toward_sum, bits).view(torch.float64)
+
+
+def _fma64(a, b, c):
+    """fp64 ``a * b + c`` rounded once, as a GPU's DFMA (or C's ``fma``) computes it, from fp64 tensors.
+
+    Boldo and Melquiond's emulation (IEEE TC 2008): the product as an exact sum of two doubles
+    (Dekker), ``c`` plus its rounded part as another (TwoSum), the remainders added rounded to odd,
+    the whole rounded once. Exact for finite results without underflow (tests/test_cuda_ops.py
+    checks it against rational arithmetic). Where it is not finite (inf or NaN operands, or ``a`` or
+    ``b`` beyond 2^996, whose split overflows), the plain arithmetic's result.
+    """
+    a, b, c = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b, c))
+    a_hi, a_lo = _split(a)
+    b_hi, b_lo = _split(b)
+    product = a * b
+    product_error = ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    sum_hi, sum_lo = _two_sum(c, product)
+    exact = sum_hi + _add_round_to_odd(sum_lo, product_error)
+    return torch.where(torch.isfinite(exact), exact, product + c)
 
 
 def _div32(a, b):
@@ -346,6 +405,14 @@ def _div32(a, b):
 
 def _sqrt32(x):
     return torch.sqrt(x.double()).float()
+
+
+def _sqrt64(x):
+    """IEEE fp64 square root: numpy's (the CPU's instruction); torch's vectorized CPU one is off by an
+    ulp now and then in fp64 too."""
+    import numpy as np
+
+    return torch.from_numpy(np.sqrt(x.numpy()))
 
 
 def torch_cuda_opmath_adam(param, grads, *, dtype, lr, betas, eps, weight_decay, amsgrad, decoupled, maximize,
@@ -382,3 +449,159 @@ def torch_cuda_opmath_adam(param, grads, *, dtype, lr, betas, eps, weight_decay,
         p32 = p32 - _div32(step_size * m32, denom)
         p, m, v, v_max = (t.to(dtype) for t in (p32, m32, v32, v_max32))
     return p, m, v, v_max
+
+
+def torch_cuda_fused_adagrad(param, grads, *, dtype, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+                             initial_accumulator_value=0.0, maximize=False, grad_scale=None, found_inf=None):
+    """torch's fused CUDA Adagrad (torch >= 2.12: ``adagrad_math`` and ``FusedAdagradMathFunctor`` in
+    fused_adagrad_utils.cuh, driven by ``_fused_adagrad`` in torch/optim/adagrad.py), line for line.
+
+    ``param``: the initial parameter; ``grads``: one gradient per step (as handed to the kernel, so
+    scaled under AMP; None: the parameter has no gradient that step and is left alone). The math
+    dtype is float32 for float32/bfloat16/float16 storage, float64 for float64, every
+    hyperparameter a double; nvcc's contractions are FMAs (Note [CUDA Adagrad order] in
+    csrc/include/recap_kernels/adagrad_math.h). ``lr``: a float or a Tensor (torch reads a CUDA
+    Tensor lr as float32, a CPU one with ``item<double>()``: either way the value it holds).
+    ``grad_scale``: GradScaler's scale (a float32 Tensor), every step; ``found_inf``: one value per step
+    (0 or 1), or None.
+
+    Returns the final ``(param, state_sum, step, grad)`` in their stored dtypes (``step`` the float32
+    counter; ``grad`` the last step's gradient as the kernel leaves it: unscaled under AMP).
+    """
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lr_double = float(lr)
+    p = param.to(dtype)
+    state_sum = torch.full_like(p, initial_accumulator_value)
+    step = torch.tensor(0.0, dtype=torch.float32)
+    grad = None
+    for k, g in enumerate(grads):
+        grad = None if g is None else g.to(dtype)
+        if g is None:
+            continue
+        inf = None if found_inf is None else torch.tensor(float(found_inf[k]), dtype=torch.float32)
+        step = step + 1  # torch._foreach_add_(state_steps, 1), before the kernel
+        if inf is None or inf != 1:  # if (found_inf_ptr && *found_inf_ptr == 1) return;
+            # const auto denom = 1 + (*step_count - 1) * lr_decay;  (float - 1, then double, contracted)
+            denom = _fma64((step - 1).double(), lr_decay, 1.0).item()
+            corrected_lr = lr_double / denom  # double (Python's: a float over a Tensor is a reciprocal times it)
+            p_m, g_m, sum_m = (t.to(math_dtype) for t in (p, grad, state_sum))
+            if grad_scale is not None:
+                g_m = (g_m.double() / grad_scale.double()).to(math_dtype)  # grad /= double(*grad_scale_ptr)
+            grad_to_store = g_m
+            if maximize:
+                g_m = -g_m
+            if weight_decay != 0:
+                g_m = _fma64(p_m.double(), weight_decay, g_m.double()).to(math_dtype)  # grad += param * wd
+            if math_dtype == torch.float32:
+                sum_m = _fma32(g_m, g_m, sum_m)  # state_sum += grad * grad
+                root = _sqrt32(sum_m)
+            else:
+                sum_m = _fma64(g_m, g_m, sum_m)
+                root = _sqrt64(sum_m)
+            # param = param - corrected_lr * grad / (std::sqrt(state_sum) + eps);  sqrt in opmath, the rest double
+            p_m = (p_m.double() - corrected_lr * g_m.double() / (root.double() + eps)).to(math_dtype)
+            p, state_sum = p_m.to(dtype), sum_m.to(dtype)
+            if grad_scale is not None:
+                grad = grad_to_store.to(dtype)
+        if inf is not None:
+            step = step - inf  # torch._foreach_sub_(state_steps, found_inf), after the kernel
+    return p, state_sum, step, grad
+
+
+# Param groups of the bit-for-bit Adagrad checks: lr (float and Tensor), lr_decay, weight decay and
+# eps differ per group. (torch's Adagrad takes initial_accumulator_value from its constructor only.)
+# With lr_decay 0.1 or 0.02, 1 + 7 * lr_decay rounded once (an FMA) and twice differ: from the 8th
+# step on, float64 results see whether the lr decay is contracted.
+ADAGRAD_BITS_GROUPS: tuple[dict[str, Any], ...] = (
+    {"lr": 0.05, "lr_decay": 0.1},
+    {"lr": torch.tensor(0.03), "weight_decay": 0.1, "eps": 1e-6},
+    {"lr": 0.02, "lr_decay": 0.02, "weight_decay": 0.02},
+)
+ADAGRAD_BITS_INITIAL_ACCUMULATOR = 0.1
+
+
+@dataclass
+class AdagradBitsCase:
+    """Data for checking an Adagrad bit for bit against torch's fused CUDA Adagrad (or its transcription).
+
+    One group per entry of ``sizes`` with the hyperparameters of ``ADAGRAD_BITS_GROUPS``, sums starting
+    at ``ADAGRAD_BITS_INITIAL_ACCUMULATOR``; the second parameter of group 0 is a view at an odd offset
+    (no 128-bit path), the second of group 1 skips every third step; under ``amp`` the gradients are
+    scaled and step 4 overflows (found_inf = 1).
+    """
+
+    dtype: torch.dtype
+    init: list[list[torch.Tensor]]
+    grads: list[list[list[torch.Tensor | None]]]  # [step][group][param], unscaled
+    maximize: bool
+    amp: bool
+    scale: torch.Tensor | None
+    found_inf: list[float] | None
+
+    @classmethod
+    def make(cls, dtype, *, sizes, steps, maximize=False, amp=False, seed=11) -> AdagradBitsCase:
+        gen = torch.Generator().manual_seed(seed)
+        init = [[torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in group] for group in sizes]
+        grads = [[[None if (g == 1 and i == 1 and k % 3 == 2) else
+                   (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 10.0 ** (k % 4 - 2)).to(dtype)
+                   for i, p in enumerate(params)] for g, params in enumerate(init)] for k in range(steps)]
+        return cls(dtype, init, grads, maximize, amp, torch.tensor(512.0) if amp else None,
+                   [float(k == 4) for k in range(steps)] if amp else None)
+
+    def kernel_grad(self, g):
+        """The gradient as the optimizer's kernel gets it: scaled under AMP."""
+        return g if g is None or self.scale is None else g * self.scale
+
+    def run(self, make_optimizer, device) -> tuple[torch.optim.Optimizer, list[tuple]]:
+        """Runs ``make_optimizer(groups, maximize=..., initial_accumulator_value=...)`` on ``device``;
+        returns it and, per parameter, ``(param, sum, step, grad)`` on the CPU."""
+        params = []
+        for g, tensors in enumerate(self.init):
+            group = []
+            for i, t in enumerate(tensors):
+                if g == 0 and i == 1:
+                    view = torch.zeros(t.numel() + 1, dtype=self.dtype, device=device)[1:]
+                    group.append(view.copy_(t).requires_grad_())
+                else:
+                    group.append(t.to(device, copy=True).requires_grad_())
+            params.append(group)
+        groups = [{"params": ps, **{k: v.to(device) if torch.is_tensor(v) else v for k, v in hp.items()}}
+                  for ps, hp in zip(params, ADAGRAD_BITS_GROUPS)]
+        opt = make_optimizer(groups, maximize=self.maximize, initial_accumulator_value=ADAGRAD_BITS_INITIAL_ACCUMULATOR)
+        for k, step_grads in enumerate(self.grads):
+            for ps, gs in zip(params, step_grads):
+                for p, g in zip(ps, gs):
+                    p.grad = None if g is None else self.kernel_grad(g).to(device)
+            if self.amp:
+                opt.grad_scale = self.scale.to(device)
+                opt.found_inf = torch.tensor(self.found_inf[k], device=device)
+            opt.step()
+        results = []
+        for p in (p for ps in params for p in ps):
+            state = opt.state[p]
+            results.append((p.detach().cpu(), state["sum"].cpu(), state["step"].cpu().float(),
+                            None if p.grad is None else p.grad.cpu()))
+        return opt, results
+
+    def torch_cuda_fused_adagrad(self) -> list[tuple]:
+        """:func:`torch_cuda_fused_adagrad` per parameter, with its group's hyperparameters."""
+        expected = []
+        for g, (tensors, hp) in enumerate(zip(self.init, ADAGRAD_BITS_GROUPS)):
+            for i, t in enumerate(tensors):
+                grads = [self.kernel_grad(step[g][i]) for step in self.grads]
+                expected.append(torch_cuda_fused_adagrad(
+                    t, grads, dtype=self.dtype, maximize=self.maximize, grad_scale=self.scale, found_inf=self.found_inf,
+                    initial_accumulator_value=ADAGRAD_BITS_INITIAL_ACCUMULATOR, **hp))
+        return expected
+
+
+def assert_same_adagrad_bits(got: list[tuple], want: list[tuple], amp: bool) -> None:
+    """Per parameter, ``(param, sum, step, grad)`` the same bits (the gradient only under AMP, where the
+    kernel writes it back unscaled)."""
+    assert len(got) == len(want)
+    for n, (have, expected) in enumerate(zip(got, want)):
+        for name, h, w in zip(("param", "sum", "step", "grad"), have, expected):
+            if name == "grad" and not amp:
+                continue
+            assert h.dtype == w.dtype and torch.equal(h, w), (
+                f"param {n} {name}: max difference {(h.double() - w.double()).abs().max().item()}")

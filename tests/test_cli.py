@@ -23,6 +23,20 @@ def test_info_reports_versions_build_and_every_backend(capsys):
         assert text in out
 
 
+@pytest.mark.parametrize("adagrad_order,shown", [("torch-cuda", "torch >= 2.12 fused CUDA Adagrad"),
+                                                  ("cpu", "torch's fused CPU Adagrad")])
+def test_info_shows_the_torch_cuda_orders_the_kernels_were_built_for(monkeypatch, capsys, adagrad_order, shown):
+    from recap_kernels import _ext
+
+    build = {**_ext.build_info(), "cuda_adam_order": "opmath", "cuda_adagrad_order": adagrad_order}
+    monkeypatch.setattr(_ext, "build_info", lambda: build)
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    adam = next(i for i, line in enumerate(lines) if "cuda adam order" in line)
+    assert "torch >= 2.11 fused CUDA Adam" in lines[adam]
+    assert "cuda adagrad order" in lines[adam + 1] and shown in lines[adam + 1]
+
+
 def test_module_entry_point_runs_info():
     result = subprocess.run(
         [sys.executable, "-m", "recap_kernels", "info"], check=False, capture_output=True, text=True, timeout=120

@@ -20,14 +20,17 @@ from recap_kernels import _ext, _ops, _torch_numerics, available_backends, optim
 from recap_kernels.backends import BackendUnavailableError, native
 from tests.reference import (
     OPTION_MATRIX,
+    AdagradBitsCase,
     adagrad_hyper,
     adam_hyper,
     assert_optimizer_close,
+    assert_same_adagrad_bits,
     check_equivalence,
     fused_cuda_hyperparameters,
     make_grads,
     make_params,
     tolerances,
+    torch_cuda_fused_adagrad,
     torch_cuda_opmath_adam,
     train,
 )
@@ -60,6 +63,52 @@ def test_build_records_archs_and_the_torch_cuda_order_it_compiled():
     assert info["cuda_archs"], "setup.py records TORCH_CUDA_ARCH_LIST"
     assert "--fmad=false" in info["nvcc_flags"]
     assert info["cuda_adam_order"] == ("opmath" if _torch_numerics.torch_cuda_adam_opmath() else "double")
+
+
+@needs_cuda_build
+def test_build_records_the_torch_cuda_adagrad_order_it_compiled():
+    """torch >= 2.12 has a fused CUDA Adagrad, whose order the CUDA Adagrad then follows; older torch the CPU one."""
+    info = _ext.build_info()
+    fused = _torch_numerics.torch_cuda_fused_adagrad()
+    assert info["cuda_adagrad_order"] == ("torch-cuda" if fused else "cpu")
+    assert f"-DRECAP_KERNELS_TORCH_CUDA_FUSED_ADAGRAD={int(fused)}" in info["nvcc_flags"]
+
+
+def test_torch_cuda_fused_adagrad_follows_the_header_or_the_version(monkeypatch):
+    monkeypatch.setattr(_torch_numerics, "fused_adagrad_header", lambda: None)
+    for version, fused in (("2.11.0+cu128", False), ("2.12.0", True), ("3.0.1", True)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert _torch_numerics.torch_cuda_fused_adagrad() is fused
+    monkeypatch.setattr(_torch_numerics, "fused_adagrad_header", lambda: "struct FusedAdagradMathFunctor {};")
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    assert _torch_numerics.torch_cuda_fused_adagrad()
+
+
+# The arithmetic of torch's adagrad_math and FusedAdagradMathFunctor that reference.torch_cuda_fused_adagrad
+# transcribes (Note [CUDA Adagrad order] in adagrad_math.h), as the header spells it.
+TRANSCRIBED_ADAGRAD_LINES = (
+    "const double lr_double = lr_ptr ? *lr_ptr : lr;",
+    "if (found_inf_ptr && *found_inf_ptr == 1) {",
+    "const auto denom = 1 + (*step_count - 1) * lr_decay;",
+    "const auto corrected_lr = lr_double / denom;",
+    "opmath_t param = static_cast<opmath_t>(r_args[kParamIdx][ii]);",
+    "grad /= (static_cast<double>(*grad_scale_ptr));",
+    "const opmath_t grad_to_store = grad;",
+    "grad = -grad;",
+    "if (weight_decay != 0) {",
+    "grad += param * weight_decay;",
+    "state_sum += grad * grad;",
+    "param = param - corrected_lr * grad / (std::sqrt(state_sum) + eps);",
+)
+
+
+@pytest.mark.skipif(_torch_numerics.fused_adagrad_header() is None,
+                    reason="the installed torch ships no fused_adagrad_utils.cuh")
+def test_the_transcribed_torch_cuda_adagrad_is_the_installed_one():
+    """A torch that changes its fused CUDA Adagrad's arithmetic fails here, not silently in the last bits."""
+    header = " ".join(_torch_numerics.fused_adagrad_header().split())
+    missing = [line for line in TRANSCRIBED_ADAGRAD_LINES if line not in header]
+    assert not missing, f"torch's fused_adagrad_utils.cuh changed: update Note [CUDA Adagrad order] ({missing})"
 
 
 def _adam_args(n=3, dtype=torch.float32):
@@ -215,7 +264,7 @@ def emulated_cuda_kernels(request, monkeypatch):
 
         def __getattr__(self, name):
             if name in ("adam_step", "adagrad_step"):
-                calls.append(name)
+                calls.append(f"fused_{name.removesuffix('_step')}_")  # as the list ops are counted
             return getattr(self.bucket, name)
 
     monkeypatch.setattr(_ops, "bound_bucket", Emulated)
@@ -231,9 +280,9 @@ EMULATED_CASES = [(o, d) for o in OPTION_MATRIX for d in (torch.float32, torch.f
                          ids=[f"{o.id}-{str(d).removeprefix('torch.')}" for o, d in EMULATED_CASES])
 def test_emulated_cuda_kernels_match_torch(emulated_cuda_kernels, options, dtype):
     """The full option matrix on odd sizes (1, 3, 4097, an empty tensor, a matrix), three groups,
-    a parameter that skips steps: the CUDA kernels' blocks, run on the host. bf16/fp16 Adagrad is
-    torch's fused CPU order, so it matches torch's fused step to one ulp; the CUDA Adam's low
-    precision order is torch's CUDA one, checked on the GPU."""
+    a parameter that skips steps: the CUDA kernels' blocks, run on the host. bf16/fp16 Adagrad, in
+    torch's fused CPU order or its fused CUDA one (Note [CUDA Adagrad order]), matches torch's fused
+    CPU step to one ulp; the CUDA Adam's low precision order is torch's CUDA one, checked on the GPU."""
     opt = check_equivalence("cpu", options, dtype, hyperparameters_in=fused_cuda_hyperparameters(options, dtype))
     assert opt.backends_used() == {"cpu"}
     assert emulated_cuda_kernels, "the steps went through the emulated CUDA kernels"
@@ -337,6 +386,72 @@ def test_emulated_cuda_adam_is_torch_fused_cuda_adam_bit_for_bit(emulated_cuda_k
     for name, got, want in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), actual, expected):
         if got is not None:
             assert torch.equal(got, want), f"{name}: {(got.float() - want.float()).abs().max()}"
+    assert emulated_cuda_kernels
+
+
+def test_reference_fmas_round_once():
+    """The transcriptions' FMAs (reference._fma64, _fma32) against rational arithmetic: one rounding."""
+    from fractions import Fraction
+
+    from tests.reference import _fma32, _fma64
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3000, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(3000, generator=gen) * 8)
+    b = torch.randn(3000, generator=gen, dtype=torch.float64)
+    c = torch.randn(3000, generator=gen, dtype=torch.float64)
+    c[::2] = -(a[::2] * b[::2]) * (1 + 1e-9 * c[::2])  # cancellation: the product's low bits decide
+    exact = [float(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    assert _fma64(a, b, c).tolist() == exact
+    assert (a * b + c).tolist() != exact  # rounding the product first is not the same
+    # fp32: (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 is halfway between two floats; 2^-80 more rounds it up,
+    # where the sum rounded to double first would round to even, down.
+    x = torch.tensor([1 + 2.0**-12])
+    assert _fma32(x, x, torch.tensor([2.0**-80])).item() == 1 + 2.0**-11 + 2.0**-23
+    assert (x.double() * x.double() + 2.0**-80).float().item() == 1 + 2.0**-11
+
+
+@needs_emulation
+@pytest.mark.skipif(_ext.build_info().get("cuda_adagrad_order") != "torch-cuda",
+                    reason="built for a torch without a fused CUDA Adagrad: the CUDA Adagrad keeps the CPU order")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["plain", "maximize", "amp-overflow"])
+def test_emulated_cuda_adagrad_is_torch_fused_cuda_adagrad_bit_for_bit(emulated_cuda_kernels, case, dtype):
+    """The CUDA Adagrad's arithmetic against a transcription of torch's fused CUDA kernel
+    (reference.torch_cuda_fused_adagrad): the same bits in every parameter, sum, step counter and
+    unscaled gradient after 16 steps, over three groups (float and Tensor lr, lr_decay, weight decay,
+    eps, initial accumulator), odd sizes, a misaligned view and a parameter that skips steps; AMP
+    with an overflow step. float64 pins down the double FMAs (Note [CUDA Adagrad order])."""
+    data = AdagradBitsCase.make(dtype, sizes=((4099, 1027), (65_537, 3), (130, 1)), steps=16,
+                                maximize=case == "maximize", amp=case == "amp-overflow")
+    opt, got = data.run(lambda groups, **kw: optim.Adagrad(groups, backend="cpu", **kw), "cpu")
+    assert_same_adagrad_bits(got, data.torch_cuda_fused_adagrad(), data.amp)
+    assert opt.backends_used() == {"cpu"}
+    assert emulated_cuda_kernels and set(emulated_cuda_kernels) == {"fused_adagrad_"}
+
+
+@needs_emulation
+@pytest.mark.skipif(_ext.build_info().get("cuda_adagrad_order") != "torch-cuda",
+                    reason="built for a torch without a fused CUDA Adagrad: the CUDA Adagrad keeps the CPU order")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_emulated_cuda_adagrad_edge_values_are_torch_fused_cuda_adagrads(emulated_cuda_kernels, weight_decay, dtype):
+    """inf, NaN, huge, tiny and zero gradients and parameters in the CUDA order: the transcription's
+    values, NaN for NaN, after three steps (a weight decay of 0 skips the term, as torch does)."""
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).tiny
+    specials = [float("inf"), -float("inf"), float("nan"), big, -big, tiny, -tiny, 0.0, 1.0, -3.0]
+    grid = torch.tensor([(p, g) for p in specials for g in specials], dtype=torch.float64).to(dtype)
+    init, grad = grid[:, 0].contiguous(), grid[:, 1].contiguous()
+    param = init.clone().requires_grad_()
+    opt = optim.Adagrad([param], lr=0.5, lr_decay=0.1, weight_decay=weight_decay, eps=1e-10, backend="cpu")
+    for _ in range(3):
+        param.grad = grad.clone()
+        opt.step()
+    want_param, want_sum, _, _ = torch_cuda_fused_adagrad(init, [grad] * 3, dtype=dtype, lr=0.5, lr_decay=0.1,
+                                                          weight_decay=weight_decay, eps=1e-10)
+    for name, got, want in (("param", param.detach(), want_param), ("sum", opt.state[param]["sum"], want_sum)):
+        nan = got.isnan()
+        assert torch.equal(nan, want.isnan()) and torch.equal(got[~nan], want[~nan]), name
     assert emulated_cuda_kernels
 
 
@@ -534,7 +649,8 @@ def test_grad_scaler_with_an_overflow_step_matches_torch(family, kwargs):
             scaler.update()
         return opt, scaler
 
-    # torch's Adagrad has no fused CUDA path: its reference is the default (foreach) one.
+    # Adagrad's reference is torch's default (foreach) path: torch < 2.12 has no fused CUDA Adagrad (the
+    # fused one is checked bit for bit in test_adagrad_is_torch_fused_cuda_adagrad_bit_for_bit_on_the_gpu).
     ref_kwargs = {} if family == "Adagrad" else kwargs
     ref_params = [p.clone().requires_grad_() for p in init]
     ref, ref_scaler = run(getattr(torch.optim, family), ref_params, **ref_kwargs)
@@ -588,3 +704,27 @@ def test_sanitizer_case_odd_sizes_and_misaligned_views():
                 del opt.grad_scale, opt.found_inf
         torch.cuda.synchronize()
         assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.skipif(not _torch_numerics.torch_cuda_fused_adagrad(), reason="this torch has no fused CUDA Adagrad")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["plain", "maximize", "amp-overflow"])
+@pytest.mark.parametrize("ours", ["cuda", "triton", "transcription"])
+def test_adagrad_is_torch_fused_cuda_adagrad_bit_for_bit_on_the_gpu(ours, case, dtype):
+    """torch's own ``Adagrad(fused=True)`` on CUDA against the cuda and triton backends and against
+    reference.torch_cuda_fused_adagrad: the same bits. This is what confirms the contractions Note
+    [CUDA Adagrad order] assumes nvcc made in torch's kernel (the CPU tests check our kernels against
+    the transcription only); float64, which torch's kernel takes too, is where the double FMAs show."""
+    if ours == "triton" and not available_backends("cuda")["triton"].ok:
+        pytest.skip(f"triton backend: {available_backends('cuda')['triton']}")
+    data = AdagradBitsCase.make(dtype, sizes=((4099, 1027), (65_537, 3), (130, 1)), steps=12,
+                                maximize=case == "maximize", amp=case == "amp-overflow")
+    _, expected = data.run(lambda groups, **kw: torch.optim.Adagrad(groups, fused=True, **kw), "cuda")
+    if ours == "transcription":
+        assert_same_adagrad_bits(data.torch_cuda_fused_adagrad(), expected, data.amp)
+    else:
+        opt, got = data.run(lambda groups, **kw: optim.Adagrad(groups, backend=ours, **kw), "cuda")
+        assert opt.backends_used() == {ours}
+        assert_same_adagrad_bits(got, expected, data.amp)

@@ -5,14 +5,19 @@ On a machine without a GPU these run through Triton's interpreter (see conftest.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from recap_kernels import BackendUnavailableError, available_backends, optim
 from recap_kernels._triton import _math, multi_tensor
 from tests.reference import (
+    AdagradBitsCase,
     assert_optimizer_close,
+    assert_same_adagrad_bits,
     make_grads,
     make_params,
     roundtrip_state_dict,
+    torch_cuda_fused_adagrad,
     torch_cuda_opmath_adam,
     train,
 )
@@ -268,6 +273,91 @@ def test_torch_cuda_order_follows_the_installed_torch():
     assert multi_tensor.torch_cuda_order(torch.device("cpu")) == _math.CPU_ORDER.value
 
 
+def test_torch_cuda_adagrad_order_follows_the_installed_torch():
+    """On CUDA, torch's fused CUDA Adagrad's order (the CUDA double order) where torch has one; else, and
+    off CUDA, torch's fused CPU Adagrad's."""
+    from recap_kernels._torch_numerics import torch_cuda_fused_adagrad
+
+    cuda_order = _math.CUDA_DOUBLE_ORDER if torch_cuda_fused_adagrad() else _math.CPU_ORDER
+    assert multi_tensor.torch_cuda_adagrad_order(torch.device("cuda")) == cuda_order.value
+    assert multi_tensor.torch_cuda_adagrad_order(torch.device("cpu")) == _math.CPU_ORDER.value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("case", ["plain", "maximize", "amp-overflow"])
+def test_cuda_adagrad_order_is_torch_fused_cuda_adagrad_bit_for_bit(monkeypatch, case, dtype):
+    """The Adagrad kernel in the CUDA order against a transcription of torch's fused CUDA kernel
+    (reference.torch_cuda_fused_adagrad): the same bits in every parameter, sum, step counter and
+    unscaled gradient, over three groups (float and Tensor lr, lr_decay, weight decay, eps, initial
+    accumulator). float64 pins down the fp64 FMAs (Note [CUDA Adagrad order] in adagrad_math.h)."""
+    monkeypatch.setattr(multi_tensor, "torch_cuda_adagrad_order", lambda device: _math.CUDA_DOUBLE_ORDER.value)
+    data = AdagradBitsCase.make(dtype, sizes=((1031, 259), (3, 2), (130, 1)), steps=8,
+                                maximize=case == "maximize", amp=case == "amp-overflow")
+    opt, got = data.run(lambda groups, **kw: optim.Adagrad(groups, backend="triton", **kw), DEVICE)
+    assert opt.backends_used() == {"triton"}
+    assert_same_adagrad_bits(got, data.torch_cuda_fused_adagrad(), data.amp)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's numpy, on inf/NaN
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_cuda_adagrad_order_edge_values_are_torch_fused_cuda_adagrads(monkeypatch, weight_decay, dtype):
+    """inf, NaN, huge, tiny and zero gradients and parameters in the CUDA order: the transcription's
+    values, NaN for NaN, after three steps (a weight decay of 0 skips the term, as torch does)."""
+    monkeypatch.setattr(multi_tensor, "torch_cuda_adagrad_order", lambda device: _math.CUDA_DOUBLE_ORDER.value)
+    big, tiny = torch.finfo(dtype).max, torch.finfo(dtype).tiny
+    specials = [float("inf"), -float("inf"), float("nan"), big, -big, tiny, -tiny, 0.0, 1.0, -3.0]
+    grid = torch.tensor([(p, g) for p in specials for g in specials], dtype=torch.float64).to(dtype)
+    init, grad = grid[:, 0].contiguous(), grid[:, 1].contiguous()
+    param = init.to(DEVICE, copy=True).requires_grad_()
+    opt = optim.Adagrad([param], lr=0.5, lr_decay=0.1, weight_decay=weight_decay, eps=1e-10, backend="triton")
+    for _ in range(3):
+        param.grad = grad.to(DEVICE, copy=True)
+        opt.step()
+    want_param, want_sum, _, _ = torch_cuda_fused_adagrad(init, [grad] * 3, dtype=dtype, lr=0.5, lr_decay=0.1,
+                                                          weight_decay=weight_decay, eps=1e-10)
+    for name, got, want in (("param", param.detach().cpu(), want_param), ("sum", opt.state[param]["sum"].cpu(),
+                                                                          want_sum)):
+        nan = got.isnan()
+        assert torch.equal(nan, want.isnan()) and torch.equal(got[~nan], want[~nan]), name
+
+
+@triton.jit
+def _fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    a, b, c = tl.load(a_ptr + offs, mask=mask), tl.load(b_ptr + offs, mask=mask), tl.load(c_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, _math._fma(a, b, c), mask=mask)
+
+
+def test_fma_rounds_once():
+    """``_math._fma`` is ``fma.rn``: on the GPU by definition, in the interpreter by its fp64 emulation."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(512, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(512, generator=gen) * 8)
+    b = torch.randn(512, generator=gen, dtype=torch.float64)
+    c = torch.randn(512, generator=gen, dtype=torch.float64)
+    c[::2] = -(a[::2] * b[::2]) * (1 + 1e-9 * c[::2])  # cancellation: the product's low bits decide
+    out = torch.empty_like(a, device=DEVICE)
+    _fma_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), c.to(DEVICE), out, 512, BLOCK=512)
+    exact = [float(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    assert out.cpu().tolist() == exact
+    # fp32: (1 + 2^-12)^2 + 2^-80 lies just above halfway between two floats: it rounds up, where
+    # the sum rounded to fp64 first would then round to even, down. And a plain random batch.
+    a32 = torch.cat([torch.tensor([1 + 2.0**-12]), torch.randn(511, generator=gen)])
+    c32 = torch.cat([torch.tensor([2.0**-80]), torch.randn(511, generator=gen)])
+    out32 = torch.empty_like(a32, device=DEVICE)
+    _fma_kernel[(1,)](a32.to(DEVICE), a32.to(DEVICE), c32.to(DEVICE), out32, 512, BLOCK=512)
+    assert out32[0].item() == 1 + 2.0**-11 + 2.0**-23
+    exact32 = torch.tensor([float(Fraction(x) * Fraction(x) + Fraction(z)) for x, z in zip(a32.tolist(), c32.tolist())],
+                           dtype=torch.float64)
+    # For the others, the exact value rounded to fp64 and then to fp32 (which errs only near halfway
+    # cases such as the first) is the fp32 FMA.
+    assert torch.equal(out32.cpu()[1:], exact32[1:].float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["adam-amsgrad-wd", "adamw-amsgrad-maximize", "adam-lr-tensor-amp"])
 def test_cuda_opmath_order_is_torch_adam_math_bit_for_bit(monkeypatch, case, dtype):
@@ -337,7 +427,8 @@ def test_compiled_step_has_no_graph_breaks_and_no_recompiles_when_lr_changes(fam
 def test_cpu_order_is_torch_fused_cpu_bit_for_bit(case, dtype):
     """The CPU order (the FMAs of adam_math.h / adagrad_math.h) gives torch's fused CPU bits.
 
-    Adam runs in that order on the CPU only; Adagrad on every device, against torch's CPU kernel.
+    Adam runs in that order on the CPU only; Adagrad on the CPU, and on CUDA with a torch that has no
+    fused CUDA Adagrad (torch < 2.12), against torch's CPU kernel.
     ``betas=(0.4, ...)`` takes torch's lerp branch for weights >= 0.5.
     """
     family, kwargs = {
@@ -349,6 +440,8 @@ def test_cpu_order_is_torch_fused_cpu_bit_for_bit(case, dtype):
     }[case]
     if family != "adagrad" and DEVICE == "cuda":
         pytest.skip("on CUDA, Adam follows torch's CUDA order")
+    if DEVICE == "cuda" and multi_tensor.torch_cuda_adagrad_order(torch.device(DEVICE)) != _math.CPU_ORDER.value:
+        pytest.skip("on CUDA, Adagrad follows torch's fused CUDA Adagrad (torch >= 2.12)")
     ref_cls, cls = (torch.optim.Adam, optim.Adam) if family == "adam" else (
         (torch.optim.AdamW, optim.AdamW) if family == "adamw" else (torch.optim.Adagrad, optim.Adagrad))
     init = make_params([(4099,), (3,)], dtype, "cpu", seed=4)
@@ -405,7 +498,7 @@ for name, kernel, constexprs in [
     ("adamw-1", _adam_kernel, {"ORDER": 1, "AMSGRAD": True, "DECOUPLED": True}),
     ("adam-2", _adam_kernel, {"ORDER": 2, "AMSGRAD": True, "DECOUPLED": False}),
     ("adamw-2", _adam_kernel, {"ORDER": 2, "AMSGRAD": True, "DECOUPLED": True}),
-    ("adagrad", _adagrad_kernel, {}),
+    ("adagrad", _adagrad_kernel, {"ORDER": 0}),
 ]:
     one, two = counts(kernel, constexprs, 128), counts(kernel, constexprs, 256)
     out[name] = {"per_element": {op: two[op] - one[op] for op in OPS}, "kernel": one}
@@ -444,3 +537,36 @@ def test_sm90_ptx_has_ieee_division_and_square_root_and_only_the_orders_fmas():
         assert per_element["sqrt.rn.f32"] == 1, (name, per_element)
         for op in ("div.full", "div.approx", "sqrt.approx", "mul.f32", "add.f32", "sub.f32"):
             assert kernel[op] == 0, (name, op, kernel)
+
+
+def test_sm90_ptx_of_the_cuda_adagrad_order_is_torch_adagrad_math():
+    """The Adagrad kernel in the CUDA double order (torch's fused CUDA Adagrad), bf16 storage, AMP, weight
+    decay, per element: the fp64 FMA of the weight decay and the fp32 one of ``sum + g * g``; an IEEE
+    fp32 unscale and square root; the update ``p - clr * g / (sqrt + eps)`` as one IEEE fp64 multiply,
+    add, division and subtraction; and nothing Triton or ptxas may contract (no plain ``mul``/``add``).
+    Per kernel, one more fp64 FMA: ``1 + (step - 1) * lr_decay``.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = _PTX_SCRIPT.split("out = {}")[0] + r"""
+OPS = OPS + ("div.rn.f64", "mul.rn.f64", "add.rn.f64", "sub.rn.f64", "mul.f64", "add.f64", "sub.f64")
+one, two = counts(_adagrad_kernel, {"ORDER": 1}, 128), counts(_adagrad_kernel, {"ORDER": 1}, 256)
+print(json.dumps({"per_element": {op: two[op] - one[op] for op in OPS}, "kernel": one}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=repo, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    per_element, kernel = found["per_element"], found["kernel"]
+    expected = {"fma.rn.f32": 1, "fma.rn.f64": 1, "div.rn.f32": 1, "sqrt.rn.f32": 1, "div.rn.f64": 1,
+                "mul.rn.f64": 1, "add.rn.f64": 1, "sub.rn.f64": 1}
+    assert {op: n for op, n in per_element.items() if n} == expected, per_element
+    assert kernel["fma.rn.f64"] == 2, kernel
+    for op in ("div.full", "div.approx", "sqrt.approx", "mul.f32", "add.f32", "sub.f32", "mul.f64", "add.f64",
+               "sub.f64"):
+        assert kernel[op] == 0, (op, kernel)

@@ -1,46 +1,80 @@
 // recap_kernels::fused_adagrad_ on the GPU (schema in ../ops.cpp): the block body of the update
 // kernel and the op, written once for the CUDA kernels (adagrad.cu) and the test-only host
 // emulation (emulate.cu). One launch updates every tensor of a bucket, across param groups (Note
-// [Multi-tensor launch] in multi_tensor.cuh), with adagrad_update of recap_kernels/adagrad_math.h.
+// [Multi-tensor launch] in multi_tensor.cuh), with the update of recap_kernels/adagrad_math.h.
 //
-// torch has no fused CUDA Adagrad; its only fused Adagrad is the CPU kernel, and this one computes
-// in the same order (float math, the FMAs of adagrad_math.h), so bfloat16/float16 results match
-// torch's fused CPU step. Specialized at compile time on the storage dtype; weight decay, maximize
-// and AMP are uniform run-time branches. Step counters advance before the update (multi_tensor.cuh).
+// The operation order is that of torch's fused CUDA Adagrad (adagrad_update_cuda) where the torch the
+// extension is built against has one (torch >= 2.12), so bfloat16/float16 results match torch's
+// fused CUDA step; against an older torch, whose only fused Adagrad is the CPU kernel, it is that
+// kernel's (adagrad_update), and they match torch's fused CPU step (Note [CUDA Adagrad order]).
+// Specialized at compile time on the storage dtype; weight decay, maximize and AMP are uniform
+// run-time branches. Step counters advance before the update (multi_tensor.cuh).
 #pragma once
 
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../common/arguments.h"
 #include "multi_tensor.cuh"
 #include "recap_kernels/adagrad_math.h"
 
+#ifndef RECAP_KERNELS_TORCH_CUDA_FUSED_ADAGRAD
+#error "setup.py defines RECAP_KERNELS_TORCH_CUDA_FUSED_ADAGRAD (Note [CUDA Adagrad order] in adagrad_math.h)"
+#endif
+
 namespace recap_kernels::cuda {
+
+// Whether this build follows torch's fused CUDA Adagrad (else torch's fused CPU Adagrad's order).
+constexpr bool kTorchCudaAdagrad = RECAP_KERNELS_TORCH_CUDA_FUSED_ADAGRAD != 0;
+
+// The per-tensor scalars of the order this build follows.
+template <typename M>
+using AdagradBlockScalars = std::conditional_t<kTorchCudaAdagrad, AdagradCudaScalars, AdagradScalars<M>>;
 
 // The hyperparameters of a launch's groups: a kernel argument (read through __grid_constant__).
 struct AdagradGroups {
   AdagradGroup group[kMaxLaunchGroups];
 };
 
+// The scalars of one tensor's step; ``step`` is the step being taken (the counter was advanced already).
+template <typename M>
+RK_HOST_DEVICE AdagradBlockScalars<M> adagrad_block_scalars(const AdagradGroup& hp, float step, bool maximize) {
+  if constexpr (kTorchCudaAdagrad) {
+    return adagrad_cuda_scalars(hp.lr.get(), hp.lr_decay, hp.eps, hp.weight_decay, step, maximize);
+  } else {
+    return adagrad_scalars<M>(hp.lr.get(), hp.lr_decay, hp.eps, hp.weight_decay, double(step), maximize);
+  }
+}
+
 // One element, in place on raw storage values.
 template <typename S>
 RK_HOST_DEVICE void adagrad_element(typename Storage<S>::raw_t& param, typename Storage<S>::raw_t& grad,
                                     typename Storage<S>::raw_t& state_sum,
-                                    const AdagradScalars<typename Storage<S>::math_t>& s, bool weight_decay,
+                                    const AdagradBlockScalars<typename Storage<S>::math_t>& s, bool weight_decay,
                                     const float* grad_scale, float scale) {
   using St = Storage<S>;
   using M = typename St::math_t;
   M p = St::load(param);
   M g = St::load(grad);
   if (grad_scale != nullptr) {
+    // torch's CUDA kernel divides in double and rounds to M: the same number (Note [CUDA Adagrad order]).
     g = unscale_grad(g, M(scale));
     grad = St::store(g);
   }
   M sum = St::load(state_sum);
-  if (weight_decay) {
-    adagrad_update<M, true>(p, g, sum, s);
+  if constexpr (kTorchCudaAdagrad) {
+    if (weight_decay) {
+      adagrad_update_cuda<M, true>(p, g, sum, s);
+    } else {
+      adagrad_update_cuda<M, false>(p, g, sum, s);
+    }
   } else {
-    adagrad_update<M, false>(p, g, sum, s);
+    if (weight_decay) {
+      adagrad_update<M, true>(p, g, sum, s);
+    } else {
+      adagrad_update<M, false>(p, g, sum, s);
+    }
   }
   param = St::store(p);
   state_sum = St::store(sum);
@@ -57,9 +91,7 @@ RK_HOST_DEVICE void adagrad_block(const LaunchTable& table, const AdagradGroups&
   }
   const BlockWork work = block_work(table, block);
   const AdagradGroup& hp = groups.group[work.entry.group];
-  // The counter was advanced already: it holds the step being taken.
-  const AdagradScalars<M> s =
-      adagrad_scalars<M>(hp.lr.get(), hp.lr_decay, hp.eps, hp.weight_decay, double(*work.entry.step), maximize);
+  const AdagradBlockScalars<M> s = adagrad_block_scalars<M>(hp, *work.entry.step, maximize);
   const bool weight_decay = hp.weight_decay != 0.0;
   const float scale = amp.grad_scale != nullptr ? *amp.grad_scale : 1.0f;
   R* __restrict__ param = static_cast<R*>(work.entry.slots[kParamSlot]) + work.offset;

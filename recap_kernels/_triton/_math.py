@@ -15,12 +15,17 @@ as a constexpr (``ORDER``, picked by ``multi_tensor.torch_cuda_order``):
   hyperparameters rounded to float once; FMAs exactly where g++ contracts torch's vector code:
   ``exp_avg.lerp_`` (torch's vectorized lerp), the second moment, L2 weight decay and Adagrad's
   ``sum + g * g``.
-* ``CUDA_DOUBLE_ORDER``: torch's fused_adam_utils.cuh before torch 2.11. The hyperparameters stay
-  double, so every step mixing them with float values is computed in fp64 and rounded once; nvcc's
-  contractions (weight decay, the moments) are fp64 FMAs.
+* ``CUDA_DOUBLE_ORDER``: torch's fused_adam_utils.cuh before torch 2.11, and its fused_adagrad_utils.cuh
+  (torch >= 2.12, the Adagrad kernel's order on CUDA there: ``multi_tensor.torch_cuda_adagrad_order``).
+  The hyperparameters stay double, so every step mixing them with float values is computed in fp64
+  and rounded once; nvcc's contractions (weight decay, Adam's moments, Adagrad's lr decay) are fp64
+  FMAs, Adagrad's ``sum + g * g`` an fp32 one (Note [CUDA Adagrad order] in adagrad_math.h).
 * ``CUDA_OPMATH_ORDER``: the same file since torch 2.11 (pytorch/pytorch#173224). Hyperparameters
   rounded to the math dtype, bias corrections with ``powf``, the moments as
   ``fma(beta, m, fma(-beta, g, g))``, and nvcc's contractions spelled out as FMAs.
+
+Before torch 2.12 torch had no fused CUDA Adagrad, and the Adagrad kernel keeps the CPU order on
+every device.
 
 In every order, fp32 division and square root are IEEE (``_div_rn``/``_sqrt_rn``), as torch's
 kernels compute them: Triton's ``/`` and ``tl.sqrt`` on fp32 are approximations on the GPU. And the
@@ -49,15 +54,67 @@ def _pow_scalar(base, exponent):
 def _fma(a, b, c):
     """``a * b + c`` rounded once, in ``c``'s dtype (C's ``fma``): ``fma.rn`` on the GPU.
 
-    The interpreter's ``tl.fma`` rounds the product first. There, an fp32 FMA is computed in fp64,
-    where the product of two fp32 values is exact, and rounded to fp32: ``fma.rn.f32`` except in
-    the rare case where the sum, rounded to fp64, lands exactly halfway between two fp32 values and
-    the second rounding then goes the other way. fp64 FMAs round twice in the interpreter.
+    The interpreter's ``tl.fma`` rounds the product first; there, :func:`_fma_from_fp64_arithmetic`
+    computes what ``fma.rn`` computes.
     """
-    if _INTERPRETED and c.dtype == tl.float32:
-        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    if _INTERPRETED:
+        return _fma_from_fp64_arithmetic(a, b, c)
     else:
         return tl.fma(a, b, c)
+
+
+@triton.jit
+def _fma_from_fp64_arithmetic(a, b, c):
+    """``fma.rn`` of fp32 or fp64 values (the dtype of ``c``; ``a`` and ``b`` tensors of it), exactly,
+    from correctly rounded fp64 additions and multiplications: what the interpreter has.
+
+    fp32: the product of two fp32 values is exact in fp64, and their sum rounded to odd in fp64 and
+    then to nearest in fp32 is the sum rounded once to fp32 (fp64 has more than 24 + 2 bits).
+    fp64: Boldo and Melquiond's emulation ("Emulation of FMA and correctly rounded sums: proved
+    algorithms using rounding to odd", IEEE TC 2008): the product as an exact sum of two doubles
+    (Dekker), ``c`` plus its rounded part as another (TwoSum), the two remainders added rounded to
+    odd, and the whole rounded once. Where that is not finite (inf or NaN operands, or ``a`` or ``b``
+    beyond 2^996, whose split overflows), the plain arithmetic's result.
+    """
+    if c.dtype == tl.float32:
+        return _add_round_to_odd(a.to(tl.float64) * b.to(tl.float64), c.to(tl.float64)).to(tl.float32)
+    else:
+        a_hi, a_lo = _split(a)
+        b_hi, b_lo = _split(b)
+        product = a * b
+        product_error = ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+        sum_hi, sum_lo = _two_sum(c, product)
+        exact = sum_hi + _add_round_to_odd(sum_lo, product_error)
+        return tl.where(exact - exact == 0, exact, product + c)
+
+
+@triton.jit
+def _two_sum(a, b):
+    """``(s, e)``: ``s = a + b`` rounded to nearest and ``s + e == a + b`` exactly (Knuth's TwoSum)."""
+    s = a + b
+    b_part = s - a
+    e = (a - (s - b_part)) + (b - b_part)
+    return s, e
+
+
+@triton.jit
+def _split(a):
+    """fp64 ``a == hi + lo`` exactly, each half with at most 26 significant bits (Veltkamp)."""
+    scaled = a * 134217729.0  # 2 ** 27 + 1
+    hi = scaled - (scaled - a)
+    return hi, a - hi
+
+
+@triton.jit
+def _add_round_to_odd(a, b):
+    """fp64 ``a + b`` rounded to odd: an exact sum as it is, any other to the neighbour with an odd last bit."""
+    s, e = _two_sum(a, b)
+    bits = s.to(tl.int64, bitcast=True)
+    # Rounded to nearest, s is one of the two neighbours of a + b; when its last bit is even, the other
+    # one (one step toward a + b in the bit pattern: up in magnitude when e has s's sign) is odd.
+    step_toward_sum = tl.where((e > 0) == (s > 0), 1, -1).to(tl.int64)
+    inexact_and_even = (e != 0) & ((bits & 1) == 0) & (s - s == 0)
+    return tl.where(inexact_and_even, bits + step_toward_sum, bits).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -232,21 +289,47 @@ def _adam_math_cuda_opmath(p, g, m, v, v_max, step_size, bias_correction2_sqrt, 
 
 
 @triton.jit
-def _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE: tl.constexpr):
-    """One Adagrad update with ``clr = lr / (1 + (step - 1) * lr_decay)``. Returns ``(p, acc)``.
+def _adagrad_clr(lr, lr_decay, step_counter, ORDER: tl.constexpr):
+    """Adagrad's corrected learning rate ``lr / (1 + (step - 1) * lr_decay)`` in fp64 for the step being
+    taken; ``lr`` and ``lr_decay`` fp64, ``step_counter`` the fp32 counter before it advances.
 
-    Always in torch's CPU fused order (float math, ``clr``, ``eps`` and ``weight_decay`` rounded to
-    float once; the FMAs of adagrad_math.h), on every device: torch has no fused CUDA Adagrad, so
-    its fused CPU kernel is the low-precision reference everywhere (our CUDA C++ Adagrad follows it
-    too).
+    CUDA double order: torch advances the fp32 counter, subtracts 1 in fp32 and contracts the rest into
+    an fp64 FMA (Note [CUDA Adagrad order] in adagrad_math.h). CPU order: in double, as torch.optim's
+    Python floats.
+    """
+    if ORDER == CUDA_DOUBLE_ORDER:
+        step = step_counter + 1.0
+        return lr / _fma((step - 1.0).to(tl.float64), lr_decay, tl.full((), 1.0, tl.float64))
+    else:
+        step = step_counter.to(tl.float64) + 1.0
+        return lr / (1.0 + (step - 1.0) * lr_decay)
+
+
+@triton.jit
+def _adagrad_math(p, g, acc, clr, eps, weight_decay, MAXIMIZE: tl.constexpr, ORDER: tl.constexpr):
+    """One Adagrad update with ``clr`` from :func:`_adagrad_clr` (fp64, as ``eps`` and
+    ``weight_decay``). Returns ``(p, acc)``, in the order ``ORDER`` (Note [Operation orders]):
+
+    * CPU order: torch's fused CPU kernel: float math, ``clr``, ``eps`` and ``weight_decay`` rounded to
+      float once; the FMAs of adagrad_math.h.
+    * CUDA double order: torch's fused CUDA kernel (torch >= 2.12, ``adagrad_math`` in
+      fused_adagrad_utils.cuh) line for line: the hyperparameters stay fp64, so the weight decay and
+      the update are computed in fp64 and rounded once; ``sum + g * g`` and ``sqrt`` in the math dtype.
     """
     dtype = p.dtype
     if MAXIMIZE:
         g = -g
-    if weight_decay != 0:
-        g = _fma(p, weight_decay.to(dtype), g)
-    acc = _fma(g, g, acc)
-    p = p - _div_rn(clr.to(dtype) * g, _sqrt_rn(acc) + eps.to(dtype))
+    if ORDER == CUDA_DOUBLE_ORDER:
+        if weight_decay != 0:
+            g = _fma(p.to(tl.float64), weight_decay, g.to(tl.float64)).to(dtype)  # grad += param * wd, contracted
+        acc = _fma(g, g, acc)  # state_sum += grad * grad, contracted
+        denom = _sqrt_rn(acc).to(tl.float64) + eps
+        p = (p.to(tl.float64) - (clr * g.to(tl.float64)) / denom).to(dtype)
+    else:
+        if weight_decay != 0:
+            g = _fma(p, weight_decay.to(dtype), g)
+        acc = _fma(g, g, acc)
+        p = p - _div_rn(clr.to(dtype) * g, _sqrt_rn(acc) + eps.to(dtype))
     return p, acc
 
 

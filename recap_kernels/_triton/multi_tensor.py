@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from recap_kernels._torch_numerics import torch_cuda_adam_opmath
+from recap_kernels._torch_numerics import torch_cuda_adam_opmath, torch_cuda_fused_adagrad
 from recap_kernels._triton._math import CPU_ORDER, CUDA_DOUBLE_ORDER, CUDA_OPMATH_ORDER
 
 # Rows of ``ptrs``, named as torch's fused kernels name them (kParamIdx, kGradIdx, ...); the step
@@ -96,6 +96,23 @@ def torch_cuda_order(device: torch.device) -> int:
 @functools.cache
 def _torch_cuda_adam_opmath() -> bool:
     return torch_cuda_adam_opmath()  # reads a header of torch's: once per process
+
+
+def torch_cuda_adagrad_order(device: torch.device) -> int:
+    """The operation order of the Adagrad kernel on ``device``: that of torch's fused Adagrad there.
+
+    ``CUDA_DOUBLE_ORDER`` on CUDA when the installed torch has a fused CUDA Adagrad (torch >= 2.12),
+    whose arithmetic it is; ``CPU_ORDER`` elsewhere, and on CUDA with an older torch, whose only fused
+    Adagrad is the CPU kernel (Note [Operation orders] in _math.py).
+    """
+    if device.type == "cuda" and _torch_cuda_fused_adagrad():
+        return CUDA_DOUBLE_ORDER.value
+    return CPU_ORDER.value
+
+
+@functools.cache
+def _torch_cuda_fused_adagrad() -> bool:
+    return torch_cuda_fused_adagrad()  # reads a header of torch's: once per process
 
 
 def addresses_of(slots: list[list[Tensor]]) -> Tensor:
