@@ -36,6 +36,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -47,6 +48,13 @@ BUILD_INFO = os.path.join(ROOT, "recap_kernels", "_build_info.json")
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 LIMITED_API = "cp310"  # the oldest Python of pyproject.toml's requires-python
 LIMITED_API_HEX = "0x030A0000"
+
+
+def _project_version() -> str:
+    """The version, from pyproject.toml (its one place); recorded in _build_info.json."""
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        match = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+    return match.group(1) if match else "0+unknown"
 
 
 def _knob(name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -101,7 +109,7 @@ def _extensions_and_info():
     import torch
 
     info = {
-        "version": "0.1.0",
+        "version": _project_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cpu_extension": False,

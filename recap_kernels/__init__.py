@@ -9,7 +9,21 @@ schedules from a recap training config. The builder's names (``config``, ``build
 from recap_kernels import optim
 from recap_kernels.backends import BackendUnavailableError, available_backends
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    # One place for the version: pyproject.toml, through the installed metadata (or, for a source tree
+    # built in place, what setup.py recorded from it).
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("recap-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        from recap_kernels import _ext
+
+        return _ext.build_info().get("version", "0+unknown")
+
+
+__version__ = _version()
 
 __all__ = [
     "BackendUnavailableError",

@@ -401,3 +401,32 @@ def _python_calls_per_step(backend, family, n, monkeypatch):
 def test_a_cached_step_does_no_per_tensor_python(backend, family, monkeypatch):
     assert _python_calls_per_step(backend, family, 50, monkeypatch) == \
         _python_calls_per_step(backend, family, 5000, monkeypatch)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("edit", ["clear", "new exp_avg / sum", "step reset"])
+def test_triton_without_the_extension_notices_the_same_changes(edit, monkeypatch):
+    """Without recap_kernels._C the Triton backend gathers and checks in Python (PyBoundBucket): the
+    same changes are noticed, a bad gradient is refused before any write, and version counters move."""
+    from recap_kernels._triton import ops
+    from recap_kernels.backends._bound import PyBoundBucket
+
+    built = []
+    monkeypatch.setattr(ops, "bound_bucket", lambda *args: built.append(PyBoundBucket(*args)) or built[-1])
+    twins = _Twins("adam", "triton")
+    twins.step()
+    twins.both(STATE_EDITS[edit])
+    twins.step()
+    twins.check()
+    assert built and all(isinstance(b, PyBoundBucket) for b in built)
+    p = twins.params[1]
+    version = p._version
+    twins.step()
+    assert p._version > version
+    for q in twins.params:
+        q.grad = torch.randn_like(q)
+    p.grad.data = p.grad.data.double()
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="gradient of another dtype"):
+        twins.opt.step()
+    assert torch.equal(p.detach(), before)

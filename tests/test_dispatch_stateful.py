@@ -26,12 +26,14 @@ from collections import defaultdict
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from recap_kernels import available_backends, backends, optim
-from tests.reference import assert_optimizer_close
+pytest.importorskip("hypothesis", reason="the test extra (pip install -e '.[test]') brings hypothesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+from recap_kernels import available_backends, backends, optim  # noqa: E402
+from tests.reference import assert_optimizer_close  # noqa: E402
 
 BACKENDS = [name for name, (ok, _) in available_backends("cpu").items() if ok]
 SHAPES = [(4, 3), (5,), (1,), (2, 3)]

@@ -74,8 +74,8 @@ def _adam_once(dtype, p, g, *, lr=1e-3, eps=1e-8, step=0.0, weight_decay=0.0, am
         tensors = [p.clone(), g.clone(), m.clone(), v.clone(), [v.clone()] if amsgrad else []]
         steps = [torch.tensor(step)]
         if impl == "ours":
-            _ops.fused_adam_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], tensors[4], steps, [1], [lr],
-                             [None], [0.9], [0.999], [eps], [weight_decay], amsgrad=amsgrad, decoupled=False,
+            _ops.fused_adam_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], tensors[4], steps, [1],
+                             [lr, 0.9, 0.999, eps, weight_decay], [None], amsgrad=amsgrad, decoupled=False,
                              maximize=False, grad_scale=grad_scale, found_inf=found_inf)
         else:
             if found_inf is None or found_inf.item() == 0:
@@ -165,8 +165,8 @@ def test_adagrad_edge_values_match_torch(dtype, case):
     for impl in ("ours", "torch"):
         tensors = [p.clone(), g.clone(), torch.full_like(p, 0.1), torch.tensor(step)]
         if impl == "ours":
-            _ops.fused_adagrad_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], [1], [lr], [None],
-                                [lr_decay], [eps], [0.0], maximize=False)
+            _ops.fused_adagrad_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], [1], [lr, lr_decay, eps, 0.0],
+                                [None], maximize=False)
         else:
             tensors[3] += 1
             torch._fused_adagrad_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], lr=lr, lr_decay=lr_decay,

@@ -71,7 +71,8 @@ def test_300_tensors_in_11_groups_step_in_one_launch(launches):
 
 
 def _tables(opt):
-    return {id(t) for cache in opt._bucket_caches.values() for tables in cache.values() for t in tables.values()}
+    """The device tables of the optimizer's cached plans."""
+    return {id(run.table) for plan in opt._plans.values() for _, bucket in plan.entries for run in bucket.runs}
 
 
 def test_scheduler_lr_changes_reach_the_kernel_without_rebuilding_tables():
@@ -130,7 +131,7 @@ def test_mixed_dtypes_in_one_group_are_two_buckets(launches):
     train(ref, ref_params, grads)
     train(opt, params, grads)
     assert launches["adagrad"] == 8  # two buckets, four steps
-    assert len(opt._bucket_caches) == 2
+    assert len(opt._plan_cache.entries) == 2
     assert_optimizer_close(ref, ref_params[:2], opt, params[:2], torch.float32)
     assert_optimizer_close(ref, ref_params[2:], opt, params[2:], torch.bfloat16)
 

@@ -34,8 +34,14 @@ def bound_bucket(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], s
 
 def bump_versions(tensors: Sequence[Tensor]) -> None:
     """Advance each tensor's version counter by one (Note [Version counters] in csrc/common/arguments.h)."""
-    if tensors:
-        torch._C._autograd._unsafe_set_version_counter(tuple(tensors), tuple(t._version + 1 for t in tensors))
+    if not tensors:
+        return
+    versions = tuple(t._version + 1 for t in tensors)
+    try:
+        torch._C._autograd._unsafe_set_version_counter(tuple(tensors), versions)
+    except TypeError:  # older torch: one tensor per call
+        for t, version in zip(tensors, versions):
+            torch._C._autograd._unsafe_set_version_counter(t, version)
 
 
 class PyBoundBucket:

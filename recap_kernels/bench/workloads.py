@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from recap_kernels.config import (
     EmbeddingOptimizerConfig,
+    UniqueKeyLoader,
     RecapOptimizerConfig,
     load_embedding_optimizer_config,
     load_optimizer_config,
@@ -121,7 +122,7 @@ def load_optimizer_configs(path: str | Path = CONFIG_PATH) -> tuple[RecapOptimiz
 
 
 def _read(path: str | Path) -> dict[str, Any]:
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)  # a repeated key is an error
 
 
 def _mlp(sizes: list[int], *, logits: bool) -> nn.Sequential:

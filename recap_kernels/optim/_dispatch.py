@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from operator import attrgetter, is_
 from typing import Any
 
@@ -67,6 +68,8 @@ _PLANNING_OPTIONS = ("foreach", "fused", "capturable", "differentiable", "amsgra
 # on the host (meta parameters, accelerators only the torch backend runs), unless fused/capturable.
 _KERNEL_DEVICES = ("cpu", "cuda")
 _grad_of = attrgetter("grad")
+# Plans kept per optimizer (see FusedStepMixin._plan).
+_MAX_PLANS = 4
 
 
 def _environment() -> tuple:
@@ -108,9 +111,10 @@ class _Plan:
         self.gradless = gradless
         return self
 
-    def current(self, opt: FusedStepMixin) -> bool:
-        """Whether nothing that decides this plan changed since it was built (the tensors aside)."""
-        if opt.state is not self.state or mutations() != self.mutations or opt._structure_key() != self.structure:
+    def current(self, opt: FusedStepMixin, structure: tuple) -> bool:
+        """Whether nothing that decides this plan changed since it was built (the tensors aside);
+        ``structure`` is the optimizer's ``_structure_key()`` now."""
+        if opt.state is not self.state or mutations() != self.mutations or structure != self.structure:
             return False
         if _environment() != self.environment:
             return False
@@ -146,7 +150,8 @@ class FusedStepMixin:
     def _setup_backend(self, backend: str) -> None:
         self._backend_request = check_backend_name(backend)
         self._last_backends: frozenset[str] = frozenset()
-        self._plan_cache: _Plan | None = None
+        self._plans: OrderedDict[int, _Plan] = OrderedDict()  # recent plans, most recently used last
+        self._plan_cache: _Plan | None = None  # the plan of the last step
         self._last_change = ""  # why the last plan was rebuilt (debugging, tests)
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels
         # unscale in place and skip an overflowing step without a host sync.
@@ -205,24 +210,41 @@ class FusedStepMixin:
         return loss
 
     def _plan(self) -> _Plan:
-        """This step's plan, gathered: the cached one when it still holds (Note [Plan invalidation])."""
+        """This step's plan, gathered: a cached one when it still holds (Note [Plan invalidation]).
+
+        A few recent plans are kept (``_MAX_PLANS``), so a step pattern that alternates between two
+        plans (a parameter whose gradient is ``None`` every other step) switches between them instead
+        of rebuilding one each step.
+        """
         if torch.compiler.is_compiling():  # Dynamo traces the plan into the graph instead
             plan = self._build_plan(tracing=True)
             plan.gather(self._kind)
             return plan
-        plan = self._plan_cache
-        change = "no plan yet" if plan is None else "" if plan.current(self) else "the optimizer changed"
-        if not change:
+        change = "no plan yet"
+        structure = None
+        for key in reversed(self._plans):
+            plan = self._plans[key]
+            if structure is None:
+                structure = self._structure_key()
+            if not plan.current(self, structure):
+                change = "the optimizer changed"
+                continue
             change = plan.gather(self._kind)
+            if not change:
+                self._plans.move_to_end(key)
+                self._plan_cache = plan
+                return plan
+        self._last_change = change
+        log.debug("recap_kernels: a new step plan (%s)", change)
+        self._plan_cache = None  # a plan that fails to build must not be used
+        plan = self._build_plan()
+        change = plan.gather(self._kind)
         if change:
-            self._last_change = change
-            log.debug("recap_kernels: a new step plan (%s)", change)
-            self._plan_cache = None  # a plan that fails to build must not stay cached
-            plan = self._plan_cache = self._build_plan()
-            change = plan.gather(self._kind)
-            if change:
-                raise RuntimeError(f"recap_kernels: a plan built this step does not hold ({change}); this is a "
-                                   f"bug, please report it")
+            raise RuntimeError(f"recap_kernels: a plan built this step does not hold ({change}); this is a bug, "
+                               f"please report it")
+        self._plans[id(plan)] = self._plan_cache = plan
+        if len(self._plans) > _MAX_PLANS:
+            self._plans.popitem(last=False)
         return plan
 
     def _structure_key(self) -> tuple | None:
@@ -390,5 +412,6 @@ class FusedStepMixin:
         for name, default in (("_backend_request", "auto"), ("_last_backends", frozenset()), ("_plan_cache", None),
                               ("_last_change", ""), ("_step_supports_amp_scaling", True)):
             self.__dict__.setdefault(name, default)
+        self.__dict__.setdefault("_plans", OrderedDict())
         self.__dict__.pop("_option_getter", None)
         self._normalize_state()
