@@ -141,6 +141,7 @@ class Result:
     traffic: Traffic
     backends_used: set[str]
     problems: list[str]  # empty when the contender agrees with the reference
+    host_samples_ms: list[float] = field(default_factory=list)  # the host's time per step (on CUDA: enqueueing)
 
     @property
     def check(self) -> str:
@@ -246,7 +247,8 @@ def run(
         used = optimizer.backends_used()
         if used != contender.expected_backends:
             problems.insert(0, f"backends_used() is {sorted(used)}, expected {sorted(contender.expected_backends)}")
-        report.results.append(Result(contender, timer.samples_ms(), Traffic.of(optimizer), used, problems))
+        report.results.append(Result(contender, timer.samples_ms(), Traffic.of(optimizer), used, problems,
+                                     timer.host_samples_ms()))
     return report
 
 
@@ -349,6 +351,7 @@ def rows(report: Report) -> list[dict[str, Any]]:
                 "roofline_gbps": report.bandwidth_gbps,
                 "frac_of_roofline": gbps / report.bandwidth_gbps,
                 "time_vs_torch": p50 / reference_p50,
+                "host_ms": quantiles(r.host_samples_ms)[0],
                 "check": r.check,
                 "backends_used": sorted(r.backends_used),
                 "steps": report.steps,
@@ -405,13 +408,15 @@ def format_report(report: Report, size_note: str = "") -> str:
         *(f"             {line}" for line in backends[1:]),
     ]
 
-    header = ("contender", "p50 ms", "p20 ms", "p80 ms", "Mparam/s", "GB/s", "% bw", "time/torch", "check")
+    header = ("contender", "p50 ms", "p20 ms", "p80 ms", "host ms", "Mparam/s", "GB/s", "% bw", "time/torch",
+              "check")
     table = [header] + [
         (
             row["contender"],
             f"{row['p50']:.3f}",
             f"{row['p20']:.3f}",
             f"{row['p80']:.3f}",
+            f"{row['host_ms']:.3f}",
             f"{row['params_per_s'] / 1e6:.0f}",
             f"{row['gbps']:.1f}",
             f"{100 * row['frac_of_roofline']:.0f}",
@@ -429,7 +434,8 @@ def format_report(report: Report, size_note: str = "") -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     lines.append(
-        "(time/torch: p50 over the torch backend's p50, below 1 is faster; % bw: GB/s over the bandwidth above)"
+        "(time/torch: p50 over the torch backend's p50, below 1 is faster; % bw: GB/s over the bandwidth above; "
+        "host ms: p50 of the host's time in the step, on CUDA the time to enqueue it)"
     )
     for r in report.results:
         lines += [f"MISMATCH {r.contender.name}: {problem}" for problem in r.problems]
