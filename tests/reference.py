@@ -51,6 +51,21 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def fma_operands(n: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """``(a, b, c, exact)``: fp64 operands for FMA tests (products over a wide range of magnitudes, half
+    of them cancelling ``c`` so the product's low bits decide) and ``a * b + c`` rounded once, from
+    rational arithmetic."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(n, generator=gen) * 8)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    c = torch.randn(n, generator=gen, dtype=torch.float64)
+    c[::2] = -(a[::2] * b[::2]) * (1 + 1e-9 * c[::2])
+    exact = [float(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    return a, b, c, exact
+
+
 def adam_hyper(lrs, beta1s, beta2s, epss, weight_decays) -> list[float]:
     """The ops' ``hyper`` rows (``lr, beta1, beta2, eps, weight_decay`` per group) from per-field lists."""
     return [float(x) for row in zip(lrs, beta1s, beta2s, epss, weight_decays) for x in row]

@@ -391,16 +391,9 @@ def test_emulated_cuda_adam_is_torch_fused_cuda_adam_bit_for_bit(emulated_cuda_k
 
 def test_reference_fmas_round_once():
     """The transcriptions' FMAs (reference._fma64, _fma32) against rational arithmetic: one rounding."""
-    from fractions import Fraction
+    from tests.reference import _fma32, _fma64, fma_operands
 
-    from tests.reference import _fma32, _fma64
-
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(3000, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(3000, generator=gen) * 8)
-    b = torch.randn(3000, generator=gen, dtype=torch.float64)
-    c = torch.randn(3000, generator=gen, dtype=torch.float64)
-    c[::2] = -(a[::2] * b[::2]) * (1 + 1e-9 * c[::2])  # cancellation: the product's low bits decide
-    exact = [float(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    a, b, c, exact = fma_operands(3000)
     assert _fma64(a, b, c).tolist() == exact
     assert (a * b + c).tolist() != exact  # rounding the product first is not the same
     # fp32: (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 is halfway between two floats; 2^-80 more rounds it up,

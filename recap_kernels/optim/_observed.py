@@ -35,43 +35,24 @@ def _changed() -> None:
     _counter[0] += 1
 
 
+def _counting(base: type, names: tuple[str, ...]):
+    """A class decorator: each method in ``names`` counts a change, then runs ``base``'s."""
+    def decorate(cls):
+        for name in names:
+            def counted(self, *args, _method=getattr(base, name), **kwargs):
+                _changed()
+                return _method(self, *args, **kwargs)
+            counted.__name__ = name
+            setattr(cls, name, counted)
+        return cls
+    return decorate
+
+
+@_counting(dict, ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update"))
 class ObservedDict(dict):
     """A parameter's state: a ``dict`` whose every change is counted."""
 
     __slots__ = ()
-
-    def __setitem__(self, key, value) -> None:
-        _changed()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key) -> None:
-        _changed()
-        super().__delitem__(key)
-
-    def __ior__(self, other):
-        _changed()
-        return super().__ior__(other)
-
-    def clear(self) -> None:
-        _changed()
-        super().clear()
-
-    def pop(self, *args):
-        _changed()
-        return super().pop(*args)
-
-    def popitem(self):
-        _changed()
-        return super().popitem()
-
-    def setdefault(self, key, default=None):
-        _changed()
-        return super().setdefault(key, default)
-
-    def update(self, *args, **kwargs) -> None:
-        _changed()
-        super().update(*args, **kwargs)
-
 
 
 def observed_dict(value: Any) -> Any:
@@ -142,58 +123,12 @@ def observed_state(value: Any) -> ObservedState:
     return value if type(value) is ObservedState else ObservedState(value)
 
 
+@_counting(list, ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop",
+                  "remove", "clear", "sort", "reverse"))
 class ObservedList(list):
     """A param group's ``"params"``: a ``list`` whose every change is counted."""
 
     __slots__ = ()
-
-    def __setitem__(self, index, value) -> None:
-        _changed()
-        super().__setitem__(index, value)
-
-    def __delitem__(self, index) -> None:
-        _changed()
-        super().__delitem__(index)
-
-    def __iadd__(self, other):
-        _changed()
-        return super().__iadd__(other)
-
-    def __imul__(self, factor):
-        _changed()
-        return super().__imul__(factor)
-
-    def append(self, value) -> None:
-        _changed()
-        super().append(value)
-
-    def extend(self, values) -> None:
-        _changed()
-        super().extend(values)
-
-    def insert(self, index, value) -> None:
-        _changed()
-        super().insert(index, value)
-
-    def pop(self, *args):
-        _changed()
-        return super().pop(*args)
-
-    def remove(self, value) -> None:
-        _changed()
-        super().remove(value)
-
-    def clear(self) -> None:
-        _changed()
-        super().clear()
-
-    def sort(self, *args, **kwargs) -> None:
-        _changed()
-        super().sort(*args, **kwargs)
-
-    def reverse(self) -> None:
-        _changed()
-        super().reverse()
 
     def __reduce__(self):
         return list, (list(self),)
