@@ -2,7 +2,7 @@
 
 Why not ``@triton.autotune``: its tuning runs would update real parameters through the pointer
 table, which ``restore_value`` cannot protect. This script times candidate shapes on throwaway
-tensors instead; the winner for an architecture is frozen in ``_CONFIGS`` of
+tensors instead; the winner for an architecture is to be frozen in ``launch_config`` of
 ``recap_kernels/_triton/multi_tensor.py`` with a comment citing the run.
 
     python bench/tune_triton.py            # prints one row per (workload, shape), best first
@@ -43,8 +43,9 @@ def main() -> int:
         steps = [torch.zeros((), device=device) for _ in sizes]
         numel = sum(sizes)
         for shape in shapes:
-            table = multi_tensor.TensorTable(tensors + [steps], [len(sizes)], shape, device)
-            table.refresh_hyper([(0.9, 0.999, 1e-8, 0.0)], [1e-3])
+            slots = [tensors[0], tensors[1], tensors[2], tensors[3], steps]  # param, grad, exp_avg, exp_avg_sq, step
+            table = multi_tensor.TensorTable(multi_tensor.addresses_of(slots), sizes, [len(sizes)], shape, device)
+            table.set_hyper([1e-3, 0.9, 0.999, 1e-8, 0.0], [None])  # one row: lr, beta1, beta2, eps, weight_decay
 
             def step(table=table):
                 adam.adam_launch(table, dtype=tl.float32, math_dtype=tl.float32, amsgrad=False, decoupled=False,

@@ -72,7 +72,6 @@ TORCH_LIBRARY(recap_kernels, m) {
       .def("change", &recap_kernels::BoundBucket::change)
       .def("addresses", &recap_kernels::BoundBucket::addresses)
       .def("grad_addresses", &recap_kernels::BoundBucket::grad_addresses)
-      .def("grads_moved", &recap_kernels::BoundBucket::grads_moved)
       .def("finish_step", &recap_kernels::BoundBucket::finish_step)
       .def("adam_step", &recap_kernels::BoundBucket::adam_step)
       .def("adagrad_step", &recap_kernels::BoundBucket::adagrad_step)

@@ -44,10 +44,15 @@ BoundBucket::BoundBucket(std::vector<at::Tensor> params, std::vector<std::vector
   ListCall call = list_call(named, steps_, group_sizes_, params_[0].device().type());
   records_ = std::move(call.records);
   starts_ = std::move(call.starts);
+  others_aligned_.reserve(records_.size());
+  for (const TensorRecord& record : records_) {
+    others_aligned_.push_back(record.aligned);  // the parameter (standing in for its gradient) and the states
+  }
   device_ = call.device;
   dtype_ = call.dtype;
   grad_addresses_ = at::empty({size()}, at::TensorOptions().dtype(at::kLong));
-  std::fill_n(grad_addresses_.data_ptr<int64_t>(), size(), int64_t(0));
+  grad_address_data_ = grad_addresses_.data_ptr<int64_t>();
+  std::fill_n(grad_address_data_, size(), int64_t(0));
 }
 
 int64_t BoundBucket::changed(size_t i, const char* what) {
@@ -69,6 +74,7 @@ namespace {
 // parameters ahead, what they point to (storages, autograd metadata) kAhead / 2 ahead, the
 // gradient's TensorImpl kAhead / 4 ahead. Prefetches never fault and change no result.
 constexpr int64_t kAhead = 16;
+constexpr uintptr_t kVectorAlignment = 16;  // the CUDA kernels' 128-bit accesses
 
 inline void prefetch_lines(const void* p, int lines) {
   for (int k = 0; k < lines; ++k) {
@@ -113,7 +119,11 @@ const char* BoundBucket::check_and_gather(size_t i) {
       step.device() != device_) {
     return "the step counter's storage, dtype, size or device changed";
   }
-  record.slots[kGradSlot] = grad.data_ptr();
+  void* grad_data = grad.data_ptr();
+  record.slots[kGradSlot] = grad_data;
+  // The CUDA kernels' 128-bit path needs every slot aligned; the others' alignment was fixed with the plan.
+  record.aligned = others_aligned_[i] && reinterpret_cast<uintptr_t>(grad_data) % kVectorAlignment == 0;
+  grad_address_data_[i] = reinterpret_cast<int64_t>(grad_data);
   return nullptr;
 }
 
@@ -156,25 +166,6 @@ int64_t BoundBucket::gather() {
     const char* reason = check_and_gather(i);
     return changed(i, reason != nullptr ? reason : "changed while it was being checked");
   }
-  bool moved = false;
-  int64_t* grad_addresses = grad_addresses_.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t address = reinterpret_cast<int64_t>(records_[i].slots[kGradSlot]);
-    moved = moved || address != grad_addresses[i];
-    grad_addresses[i] = address;
-  }
-  // The gradients' addresses decide the 128-bit path of the CUDA kernels (the other slots' were
-  // checked when the records were built).
-  if (moved) {
-    for (TensorRecord& record : records_) {
-      bool aligned = true;
-      for (size_t s = 0; s < 2 + states_.size(); ++s) {
-        aligned = aligned && reinterpret_cast<uintptr_t>(record.slots[s]) % 16 == 0;
-      }
-      record.aligned = aligned;
-    }
-  }
-  grads_moved_ = moved;
   gathered_ = true;
   change_.clear();
   return 0;

@@ -19,7 +19,7 @@
 //     kernels: same math, same results), advance the step counters and bump the version counters
 //     of every tensor written (Note [Version counters] in arguments.h).
 //   * The Triton backend reads addresses() (the pointer table of every slot) once per plan and
-//     grad_addresses() after each gather(), re-uploading them only when grads_moved().
+//     grad_addresses() after each gather(), re-uploading them only when they differ.
 //
 // Eager mode only: the tensors are hidden from the dispatcher inside the object, so torch.compile
 // (and anything else that traces or functionalizes) cannot see their mutation; traced steps call
@@ -52,7 +52,6 @@ class BoundBucket : public torch::CustomClassHolder {
   std::string change() const { return change_; }
   at::Tensor addresses() const;
   at::Tensor grad_addresses() const { return grad_addresses_; }
-  bool grads_moved() const { return grads_moved_; }
   void finish_step(bool grads_written);
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
   int64_t num_states() const { return static_cast<int64_t>(states_.size()); }
@@ -81,8 +80,9 @@ class BoundBucket : public torch::CustomClassHolder {
   c10::Device device_{c10::kCPU};
   c10::ScalarType dtype_{c10::kFloat};
   at::Tensor grad_addresses_;  // int64 [n] on the CPU
-  bool gathered_ = false;      // gather() succeeded since the last step
-  bool grads_moved_ = true;
+  int64_t* grad_address_data_ = nullptr;
+  std::vector<bool> others_aligned_;  // every slot but the gradient is 16-byte aligned, per tensor
+  bool gathered_ = false;             // gather() succeeded since the last step
   bool emulate_cuda_ = false;
   std::string change_;
 };

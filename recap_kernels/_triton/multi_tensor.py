@@ -156,10 +156,16 @@ class TensorTable:
         self.lr_addr: Tensor | None = None
         self._hyper_key: Any = None
         self._keep_alive: list[Tensor] = []
+        self._grads: Tensor | None = None  # host copy of the gradient row of ``ptrs``
 
-    def set_grads(self, grad_addresses: Tensor) -> None:
-        """The gradients' addresses (int64 ``[T]`` on the host), uploaded in one copy."""
+    def update_grads(self, grad_addresses: Tensor) -> None:
+        """The gradients' addresses (int64 ``[T]`` on the host), uploaded in one copy when they differ
+        from the ones the device table holds (after ``zero_grad(set_to_none=True)`` the caching
+        allocator usually hands the new gradients the old addresses)."""
+        if self._grads is not None and torch.equal(grad_addresses, self._grads):
+            return
         self.ptrs[GRAD.value].copy_(_upload(grad_addresses, self.device))
+        self._grads = grad_addresses.clone()
 
     def set_hyper(self, hyper: list[float], lr_tensors: list[Tensor | None]) -> None:
         """This step's per-group rows and Tensor lrs (:func:`recap_kernels.backends._base.hyper_rows`),
@@ -222,19 +228,15 @@ def table_for(cache: OrderedDict, slots: list[list[Tensor]], group_sizes: list[i
     re-uploads the gradients' addresses when they moved.
     """
     addresses = addresses_of(slots)
-    key = (tuple(group_sizes), tuple(t.numel() for t in slots[PARAM]),
+    params = slots[PARAM.value]
+    key = (tuple(group_sizes), tuple(t.numel() for t in params),
            tuple(addresses[[r for r in range(addresses.shape[0]) if r != GRAD.value]].flatten().tolist()))
     table = cache.get(key)
     if table is None:
-        table = TensorTable(addresses, [t.numel() for t in slots[PARAM]], group_sizes, launch_config(device), device)
-        table.grad_key = tuple(addresses[GRAD.value].tolist())
-        cache[key] = table
+        table = cache[key] = TensorTable(addresses, [t.numel() for t in params], group_sizes, launch_config(device),
+                                         device)
         if len(cache) > _TABLES_PER_CACHE:
             cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-        grad_key = tuple(addresses[GRAD.value].tolist())
-        if grad_key != table.grad_key:
-            table.set_grads(addresses[GRAD.value])
-            table.grad_key = grad_key
+    cache.move_to_end(key)
+    table.update_grads(addresses[GRAD.value])
     return table

@@ -56,16 +56,12 @@ def bind_run(kind: str, bucket: Bucket, run: Run) -> None:
     run.bound = bound_bucket(params, bucket.run_states(kind, run), bucket.steps[run.part], run.sizes)
     run.table = multi_tensor.TensorTable(run.bound.addresses(), [p.numel() for p in params], run.sizes,
                                          multi_tensor.launch_config(device), device)
-    run.table.grads = None  # the gradients' addresses the device table holds (none yet)
 
 
 def step_run(kind: str, bucket: Bucket, run: Run, *, grad_scale, found_inf) -> None:
     """One step of a bound run, after its ``bound.gather()`` succeeded."""
     table = run.table
-    grads = run.bound.grad_addresses()
-    if table.grads is None or not torch.equal(grads, table.grads):
-        table.set_grads(grads)
-        table.grads = grads.clone()
+    table.update_grads(run.bound.grad_addresses())
     table.set_hyper(*run.hyper)
     _launch(kind, table, bucket.key.dtype, run.switches, grad_scale, found_inf)
     run.bound.finish_step(grad_scale is not None)

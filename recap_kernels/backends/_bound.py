@@ -56,7 +56,6 @@ class PyBoundBucket:
         self._device = self._params[0].device
         self._planned = [self._snapshot(i) for i in range(len(self._params))]
         self._grad_addresses = [0] * len(self._params)
-        self._moved = True
         self._change = ""
 
     def _snapshot(self, i: int) -> tuple:
@@ -64,7 +63,6 @@ class PyBoundBucket:
         return (tuple(_layout(t) for t in (p, *(s[i] for s in self._states))), _layout(self._steps[i]))
 
     def gather(self) -> int:
-        moved = False
         for i, p in enumerate(self._params):
             if self._snapshot(i) != self._planned[i]:
                 return self._changed(i, "a parameter, state or step tensor changed storage, dtype, shape, device "
@@ -76,10 +74,7 @@ class PyBoundBucket:
                     g.shape != p.shape or not g.is_contiguous():
                 return self._changed(i, "the gradient is not a contiguous dense tensor of the parameter's dtype, "
                                         "shape and device")
-            address = g.data_ptr()
-            moved = moved or address != self._grad_addresses[i]
-            self._grad_addresses[i] = address
-        self._moved = moved
+            self._grad_addresses[i] = g.data_ptr()
         self._change = ""
         return 0
 
@@ -97,9 +92,6 @@ class PyBoundBucket:
 
     def grad_addresses(self) -> Tensor:
         return torch.tensor(self._grad_addresses, dtype=torch.int64)
-
-    def grads_moved(self) -> bool:
-        return self._moved
 
     def finish_step(self, grads_written: bool) -> None:
         written = self._params + [t for s in self._states for t in s] + self._steps
