@@ -81,6 +81,24 @@ class LastScalars {
   Scalars scalars_{};
 };
 
+// The build of torch's fused CPU kernel (Adam or Adagrad) that fused=True runs in this process
+// (Note [torch's kernel builds] in torch_kernels.cpp): the CPU kernels follow its arithmetic, its vector
+// loop over each tensor's first numel - numel % W elements and its scalar tail over the rest (Note
+// [CPU tail order] in recap_kernels/adam_math.h). Decided once, when a kernel first runs.
+struct TorchCpuKernel {
+  bool fma;          // the AVX2 (or AVX-512) build: FMA instructions; DEFAULT: none
+  int vector_bytes;  // bytes of one Vectorized<scalar_t>: W = vector_bytes / sizeof(scalar_t)
+
+  // The elements of a tensor of ``numel`` elements of ``element_size`` bytes that the vector loop
+  // updates; the scalar tail updates the rest.
+  int64_t vector_elements(int64_t numel, int64_t element_size) const {
+    const int64_t width = vector_bytes / element_size;
+    return numel - numel % width;
+  }
+};
+const TorchCpuKernel& torch_fused_adam_kernel();
+const TorchCpuKernel& torch_fused_adagrad_kernel();
+
 // After the update: every tensor's step counter advances by one (torch's fused layout).
 inline void advance_steps(const std::vector<TensorRecord>& records) {
   for (const TensorRecord& record : records) {
