@@ -331,18 +331,26 @@ def test_tails_match_torchs_default_build_without_fma():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+# What a tensor weighs in the CPU kernels' split of a bucket between threads, beyond its elements
+# (kTensorWork in csrc/cpu/multi_tensor.h, Note [CPU work split]).
+_TENSOR_WORK = 64
+
+
 def _long_run_layout(dtype, seed):
     """Sizes 1..100 in random order, in three groups, between two large tensors sized so that the bucket
-    passes the parallel grain and its middle, where two threads split it, falls in the scalar tail of
-    a small tensor: that tail is then cut between two threads' pieces."""
+    passes the parallel grain and the point where two threads split it (the middle of its work, Note
+    [CPU work split]) falls in the scalar tail of a small tensor: that tail is cut between two threads."""
     width = 32 // torch.tensor([], dtype=dtype).element_size()
     gen = torch.Generator().manual_seed(seed)
     small = [n + 1 for n in torch.randperm(100, generator=gen).tolist()]
     cut = next(j for j, n in enumerate(small) if n > width and n % width == width - 1)  # the longest tail
-    small = small[cut:] + small[:cut]  # that tensor first, where the middle will be placed
+    small = small[cut:] + small[:cut]  # that tensor right after the first large one
     last = 70_001
-    into_tail = small[0] - small[0] % width + (width - 1) // 2  # the middle: inside its tail
-    first = sum(small) + last - 2 * into_tail  # so that first + into_tail is half the bucket
+    into_tail = small[0] - small[0] % width + (width - 1) // 2  # where the cut should fall in it
+    count = len(small) + 2
+    # The cut is at work ceil((first + sum(small) + last + count * _TENSOR_WORK) / 2), which falls
+    # into_tail elements into small[0] when it equals first + 2 * _TENSOR_WORK + into_tail.
+    first = sum(small) + last + count * _TENSOR_WORK - 4 * _TENSOR_WORK - 2 * into_tail
     return [first] + small + [last], [35, 33, 34]
 
 

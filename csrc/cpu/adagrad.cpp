@@ -84,7 +84,7 @@ void adagrad_records(const StepTensors& tensors, const std::vector<AdagradGroup>
   }
   const M grad_scale = M(scale != nullptr ? *scale : 1.0f);
   const std::vector<TensorRecord>& records = tensors.records;
-  parallel_over_elements(tensors.starts, [&]() {
+  parallel_over_elements(records, tensors.starts, 3, [&]() {
     return [&, last = LastScalars<AdagradScalars<M>>()](int64_t t, int64_t lo, int64_t hi) mutable {
       const TensorRecord& x = records[t];
       const AdagradGroup& g = groups[x.group];

@@ -122,7 +122,7 @@ void adam_records(const StepTensors& tensors, const std::vector<AdamGroup>& grou
   }
   const M grad_scale = M(scale != nullptr ? *scale : 1.0f);
   const std::vector<TensorRecord>& records = tensors.records;
-  parallel_over_elements(tensors.starts, [&]() {
+  parallel_over_elements(records, tensors.starts, options.amsgrad ? 5 : 4, [&]() {
     return [&, last = LastScalars<AdamScalars<M>>()](int64_t t, int64_t lo, int64_t hi) mutable {
       const TensorRecord& x = records[t];
       const AdamGroup& g = groups[x.group];
