@@ -6,6 +6,7 @@ The optimizer-level equivalence (every option, every dtype, resumes) is the shar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import re
@@ -56,25 +57,10 @@ def _assert_bitwise(got, expected, what):
         )
 
 
-# torch's fused CPU kernels run a vector loop, then a scalar loop over the last numel % width
-# elements of each tensor, which g++ contracted into FMAs differently (v = fma(v, beta2, ...)
-# there, fma((1 - beta2) * g, g, v * beta2) in the vector loop). Our kernels follow the vector
-# loop everywhere: bit for bit there, and within an ulp in torch's tails.
-_VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
-
-
 def _assert_like_torch_fused(got, expected, what):
-    if _VECTOR_BYTES is None:
-        pytest.skip(f"torch's CPU kernels use {torch.backends.cpu.get_cpu_capability()} here: vector width unknown")
-    for i, (a, b) in enumerate(zip(got, expected)):
-        if a.dim() == 0:  # step counters
-            assert torch.equal(a, b), f"{what}[{i}]: {a} != {b}"
-            continue
-        width = _VECTOR_BYTES // a.element_size()
-        body = a.numel() - a.numel() % width
-        _assert_bitwise([a[:body]], [b[:body]], f"{what}[{i}] (torch's vector loop)")
-        torch.testing.assert_close(a[body:], b[body:], rtol=2 * torch.finfo(a.dtype).eps, atol=0,
-                                   msg=lambda m, i=i: f"{what}[{i}] (torch's scalar tail): {m}")
+    """torch's fused CPU kernels to the bit: their vector loops and their scalar tails (the last
+    numel % W elements of each tensor, Note [CPU tail order] in adam_math.h) alike."""
+    _assert_bitwise(got, expected, what)
 
 
 ADAM_CASES = list(itertools.product([False, True], [0.0, 0.1], [False, True], [False, True], [0.9, 0.3]))
@@ -144,6 +130,284 @@ def test_amp_unscales_into_the_grads_and_found_inf_skips_everything(dtype):
                      found_inf=torch.tensor(1.0))
     for got, before in zip(skipped, state):
         _assert_bitwise(got, before, "a found_inf step's tensor")
+
+
+# -- torch's scalar tails (Note [CPU tail order], Note [CPU Adagrad tail order]) --------------------------------------
+
+ADAM_TAIL_OPTIONS = list(itertools.product([False, True], [0.0, 0.1], [False, True], [False, True], [0.9, 0.3],
+                                           [None, 3.0]))
+ADAGRAD_TAIL_OPTIONS = list(itertools.product([0.0, 0.1], [False, True], [0.0, 0.01], [None, 3.0]))
+
+
+# Magnitudes of a parameter, a gradient, exp_avg, exp_avg_sq (or Adagrad's sum) and max_exp_avg_sq.
+_SLOT_SCALES = (1.0, 0.1, 0.01, 0.001, 0.0015)
+
+
+class _Lists:
+    """Lists of tensors of ``sizes`` that are contiguous views into one buffer each: the kernels take
+    them as any tensors, and a whole list is compared, cloned or refilled in one call."""
+
+    def __init__(self, buffers, sizes):
+        self.buffers, self.sizes = buffers, list(sizes)
+        self.lists = [list(b.split(self.sizes)) for b in buffers]
+
+    def clone(self):
+        return _Lists([b.clone() for b in self.buffers], self.sizes)
+
+    def assert_same(self, other, names, what):
+        for name, a, b in zip(names, self.buffers, other.buffers):
+            if not _same_bits(a, b):
+                bad = (a != b) & ~(a.isnan() & b.isnan())
+                first = int(bad.nonzero()[0])
+                tensor = next(i for i, end in enumerate(itertools.accumulate(self.sizes)) if end > first)
+                raise AssertionError(f"{what}: {name} differs in {int(bad.sum())} of {a.numel()} elements, first in "
+                                     f"tensor {tensor} of {self.sizes[tensor]} elements: {a[first]} vs {b[first]}")
+
+
+def _same_bits(a, b):
+    nan = a.isnan()
+    return bool(torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan]))
+
+
+def _random_buffers(sizes, dtype, gen, slots):
+    """One random buffer per slot of ``slots`` (indices into _SLOT_SCALES), over a few binades, so that
+    roundings differ from element to element; state slots are positive."""
+    n = sum(sizes)
+    out = []
+    for k in slots:
+        t = torch.randn(n, generator=gen, dtype=torch.float64) * _SLOT_SCALES[k]
+        t = t * torch.exp2(torch.randint(-3, 4, (n,), generator=gen).double())
+        out.append((t.abs() if k >= 3 else t).to(dtype))
+    return out
+
+
+def _step_counters(count, gen, low=0, high=30):
+    return [torch.tensor(float(s)) for s in torch.randint(low, high, (count,), generator=gen).tolist()]
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_adam_tails(dtype, steps=8, tensors=256, seed=0):
+    """Every Adam/AdamW option on tensors of 1 to 7 elements (all of them in torch's scalar tail, but
+    for float64's first 4): ours against torch._fused_adam(w)_, bit for bit after every step."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 8, (tensors,), generator=gen).tolist()
+    names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for amsgrad, weight_decay, decoupled, maximize, beta1, scale in ADAM_TAIL_OPTIONS:
+        ours = _Lists(_random_buffers(sizes, dtype, gen, (0, 1, 2, 3, 4 if amsgrad else 3)), sizes)
+        ref = ours.clone()
+        ours_steps = _step_counters(tensors, gen)
+        ref_steps = [s + 1 for s in ours_steps]  # torch's Python wrapper advances the step before its kernel
+        fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        what = (f"{dtype} amsgrad={amsgrad} weight_decay={weight_decay} decoupled={decoupled} maximize={maximize} "
+                f"beta1={beta1} grad_scale={scale}")
+        for k in range(steps):
+            grads = _random_buffers(sizes, dtype, gen, (1,))[0] * (scale or 1.0)
+            ours.buffers[1].copy_(grads)
+            ref.buffers[1].copy_(grads)
+            amp = {"grad_scale": torch.tensor(scale), "found_inf": torch.tensor(0.0)} if scale else {}
+            maxima = (lambda lists: lists.lists[4] if amsgrad else [])
+            _ops.fused_adam_(*ours.lists[:4], maxima(ours), ours_steps, [tensors],
+                             adam_hyper([1e-3], [beta1], [0.999], [1e-8], [weight_decay]), [None], amsgrad=amsgrad,
+                             decoupled=decoupled, maximize=maximize, **amp)
+            with _threads(1):  # its per-tensor parallel regions cost more than they save on these sizes
+                fused(*ref.lists[:4], maxima(ref), ref_steps, lr=1e-3, beta1=beta1, beta2=0.999,
+                      weight_decay=weight_decay, eps=1e-8, amsgrad=amsgrad, maximize=maximize, **amp)
+            torch._foreach_add_(ref_steps, 1.0)
+            ours.assert_same(ref, names, f"{what}, step {k + 1}")
+            assert [s.item() for s in ours_steps] == [s.item() - 1 for s in ref_steps]
+
+
+def _check_adagrad_tails(dtype, steps=8, tensors=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 8, (tensors,), generator=gen).tolist()
+    for weight_decay, maximize, lr_decay, scale in ADAGRAD_TAIL_OPTIONS:
+        ours = _Lists(_random_buffers(sizes, dtype, gen, (0, 1, 3)), sizes)
+        ref = ours.clone()
+        ours_steps = _step_counters(tensors, gen)
+        ref_steps = [s + 1 for s in ours_steps]
+        what = f"{dtype} weight_decay={weight_decay} maximize={maximize} lr_decay={lr_decay} grad_scale={scale}"
+        for k in range(steps):
+            grads = _random_buffers(sizes, dtype, gen, (1,))[0] * (scale or 1.0)
+            ours.buffers[1].copy_(grads)
+            ref.buffers[1].copy_(grads)
+            amp = {"grad_scale": torch.tensor(scale), "found_inf": torch.tensor(0.0)} if scale else {}
+            _ops.fused_adagrad_(*ours.lists, ours_steps, [tensors],
+                                adagrad_hyper([0.0123], [lr_decay], [1e-10], [weight_decay]), [None],
+                                maximize=maximize, **amp)
+            with _threads(1):
+                torch._fused_adagrad_(*ref.lists, ref_steps, lr=0.0123, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      eps=1e-10, maximize=maximize, **amp)
+            torch._foreach_add_(ref_steps, 1.0)
+            ours.assert_same(ref, ("param", "grad", "sum"), f"{what}, step {k + 1}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_tails_are_torchs_to_the_bit(dtype):
+    """Tensors of 1 to 7 elements are (nearly) all torch's scalar tail, whose FMAs differ from its
+    vector loop's; every option, several steps."""
+    _check_adam_tails(dtype)
+    _check_adagrad_tails(dtype)
+
+
+def test_amsgrad_tail_keeps_the_maximum_when_exp_avg_sq_is_nan():
+    """torch's tail takes std::max(max_exp_avg_sq, exp_avg_sq), which drops a NaN second operand; its
+    vector loop propagates it. 9 float32 elements: 8 in the vector loop, 1 in the tail."""
+    state = _Lists(_random_buffers([9], torch.float32, torch.Generator().manual_seed(3), (0, 1, 2, 3, 4)), [9])
+    state.buffers[1][0] = state.buffers[1][-1] = float("nan")
+    ref = state.clone()
+    _ops.fused_adam_(*state.lists, [torch.tensor(5.0)], [1], adam_hyper([1e-3], [0.9], [0.999], [1e-8], [0.0]),
+                     [None], amsgrad=True, decoupled=False, maximize=False)
+    torch._fused_adam_(*ref.lists, [torch.tensor(6.0)], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                       amsgrad=True, maximize=False)
+    maxima = ref.buffers[4]
+    assert maxima[0].isnan() and not maxima[-1].isnan(), "torch's own loops, as Note [CPU tail order] says"
+    state.assert_same(ref, ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "amsgrad, NaN gradients")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_per_group_scalars_are_torchs_to_the_bit(dtype):
+    """torch's compiled host code fuses AdamW's 1 - lr * weight_decay and Adagrad's 1 + (step - 1) * lr_decay
+    into FMAs (AVX2 build; Note [CPU tail order]): a double's last bit, which float64 results show.
+    200 groups of random hyperparameters, one 6-element tensor each, one call."""
+    gen = torch.Generator().manual_seed(5)
+    groups = 200
+    lrs = (10 ** (-4 * torch.rand(groups, generator=gen, dtype=torch.float64))).tolist()
+    wds = (10 ** (-3 * torch.rand(groups, generator=gen, dtype=torch.float64))).tolist()
+    lr_decays = (10 ** (-4 * torch.rand(groups, generator=gen, dtype=torch.float64))).tolist()
+    sizes = [6] * groups
+    for optimizer in ("adamw", "adagrad"):
+        slots = (0, 1, 2, 3) if optimizer == "adamw" else (0, 1, 3)
+        ours = _Lists(_random_buffers(sizes, dtype, gen, slots), sizes)
+        ref = ours.clone()
+        ours_steps = _step_counters(groups, gen, 0, 1000)
+        ref_steps = [s + 1 for s in ours_steps]
+        if optimizer == "adamw":
+            _ops.fused_adam_(*ours.lists, [], ours_steps, [1] * groups,
+                             adam_hyper(lrs, [0.9] * groups, [0.999] * groups, [1e-8] * groups, wds), [None] * groups,
+                             amsgrad=False, decoupled=True, maximize=False)
+        else:
+            _ops.fused_adagrad_(*ours.lists, ours_steps, [1] * groups,
+                                adagrad_hyper(lrs, lr_decays, [1e-10] * groups, [0.0] * groups), [None] * groups,
+                                maximize=False)
+        with _threads(1):
+            for g in range(groups):
+                part = [lst[g:g + 1] for lst in ref.lists] + [ref_steps[g:g + 1]]
+                if optimizer == "adamw":
+                    torch._fused_adamw_(*part[:4], [], part[4], lr=lrs[g], beta1=0.9, beta2=0.999,
+                                        weight_decay=wds[g], eps=1e-8, amsgrad=False, maximize=False)
+                else:
+                    torch._fused_adagrad_(*part, lr=lrs[g], lr_decay=lr_decays[g], weight_decay=0.0, eps=1e-10,
+                                          maximize=False)
+        ours.assert_same(ref, ("param", "grad", "state", "state"), f"{optimizer} {dtype}")
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
+                    reason="torch runs its DEFAULT kernels here already: the tail test covers them")
+def test_tails_match_torchs_default_build_without_fma():
+    """ATEN_CPU_CAPABILITY=default makes torch run its DEFAULT build (no FMA instruction); the kernels
+    must notice (csrc/cpu/torch_kernels.cpp) and compute without FMA too, tails and vector loops."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+            "from tests.test_cpu_ops import _check_adam_tails, _check_adagrad_tails, _check_long_run\n"
+            "for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
+            "    _check_adam_tails(dtype, steps=2, tensors=48)\n"
+            "    _check_adagrad_tails(dtype, steps=2, tensors=48)\n"
+            "    _check_long_run('adam', dtype, steps=40, check_every=20)\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# What a tensor weighs in the CPU kernels' split of a bucket between threads, beyond its elements
+# (kTensorWork in csrc/cpu/multi_tensor.h, Note [CPU work split]).
+_TENSOR_WORK = 64
+
+
+def _long_run_layout(dtype, seed):
+    """Sizes 1..100 in random order, in three groups, between two large tensors sized so that the bucket
+    passes the parallel grain and the point where two threads split it (the middle of its work, Note
+    [CPU work split]) falls in the scalar tail of a small tensor: that tail is cut between two threads."""
+    width = 32 // torch.tensor([], dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(seed)
+    small = [n + 1 for n in torch.randperm(100, generator=gen).tolist()]
+    cut = next(j for j, n in enumerate(small) if n > width and n % width == width - 1)  # the longest tail
+    small = small[cut:] + small[:cut]  # that tensor right after the first large one
+    last = 70_001
+    into_tail = small[0] - small[0] % width + (width - 1) // 2  # where the cut should fall in it
+    count = len(small) + 2
+    # The cut is at work ceil((first + sum(small) + last + count * _TENSOR_WORK) / 2), which falls
+    # into_tail elements into small[0] when it equals first + 2 * _TENSOR_WORK + into_tail.
+    first = sum(small) + last + count * _TENSOR_WORK - 4 * _TENSOR_WORK - 2 * into_tail
+    return [first] + small + [last], [35, 33, 34]
+
+
+def _check_long_run(optimizer, dtype, steps=2000, check_every=250, seed=0):
+    """Sizes 1..100 (one bucket, three groups with their own hyperparameters) over ``steps`` steps
+    against torch's fused kernels, one call per group; the thread count alternates between 1 and 2
+    every ``check_every`` steps, when every tensor is compared."""
+    sizes, group_sizes = _long_run_layout(dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_sets = [_random_buffers(sizes, dtype, gen, (1,))[0] for _ in range(3)]
+    if optimizer == "adagrad":
+        slots, names = (0, 1, 3), ("param", "grad", "sum")
+        lrs, lr_decays, epss, wds = [1e-2, 3e-2, 2e-3], [0.0, 1e-3, 0.0], [1e-10, 1e-8, 1e-10], [0.0, 0.1, 0.01]
+        hyper, maximize = adagrad_hyper(lrs, lr_decays, epss, wds), True
+    else:
+        amsgrad, decoupled = optimizer == "adam", optimizer == "adamw"
+        slots, names = (0, 1, 2, 3, 4) if amsgrad else (0, 1, 2, 3), ("param", "grad", "exp_avg", "exp_avg_sq",
+                                                                        "max_exp_avg_sq")
+        lrs, beta1s, beta2s, epss = [1e-3, 3e-3, 1e-4], [0.9, 0.3, 0.95], [0.999, 0.99, 0.9], [1e-8, 1e-6, 1e-8]
+        wds = [0.0, 0.1, 0.01]
+        hyper, maximize = adam_hyper(lrs, beta1s, beta2s, epss, wds), optimizer == "adamw"
+    ours = _Lists(_random_buffers(sizes, dtype, gen, slots), sizes)
+    ref = ours.clone()
+    ours_steps = [torch.tensor(0.0) for _ in sizes]
+    ref_steps = [torch.tensor(0.0) for _ in sizes]
+    bounds = list(itertools.accumulate([0] + group_sizes))
+    for k in range(steps):
+        grads = grad_sets[k % len(grad_sets)]
+        ours.buffers[1].copy_(grads)  # no grad_scale: the gradients stay as they are
+        ref.buffers[1].copy_(grads)
+        with _threads(1 + (k // check_every) % 2):
+            if optimizer == "adagrad":
+                _ops.fused_adagrad_(*ours.lists, ours_steps, group_sizes, hyper, [None] * 3, maximize=maximize)
+            else:
+                _ops.fused_adam_(*ours.lists[:4], ours.lists[4] if amsgrad else [], ours_steps, group_sizes, hyper,
+                                 [None] * 3, amsgrad=amsgrad, decoupled=decoupled, maximize=maximize)
+        torch._foreach_add_(ref_steps, 1.0)  # torch's Python wrapper advances the steps before its kernel
+        with _threads(1):  # torch's result does not depend on its thread count
+            for g in range(len(group_sizes)):
+                part = [lst[bounds[g]:bounds[g + 1]] for lst in ref.lists + [ref_steps]]
+                if optimizer == "adagrad":
+                    torch._fused_adagrad_(*part, lr=lrs[g], lr_decay=lr_decays[g], weight_decay=wds[g],
+                                          eps=epss[g], maximize=maximize)
+                else:
+                    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+                    maxima = part[4] if amsgrad else []
+                    fused(*part[:4], maxima, part[-1], lr=lrs[g], beta1=beta1s[g], beta2=beta2s[g],
+                          weight_decay=wds[g], eps=epss[g], amsgrad=amsgrad, maximize=maximize)
+        if (k + 1) % check_every == 0 or k + 1 == steps:
+            ours.assert_same(ref, names, f"{optimizer} {dtype} after {k + 1} steps")
+    assert [s.item() for s in ours_steps] == [float(steps)] * len(sizes)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adagrad"])
+def test_sizes_1_to_100_match_torch_over_thousands_of_steps(optimizer, dtype):
+    _check_long_run(optimizer, dtype)
 
 
 def test_one_call_spans_groups_with_their_own_hyperparameters_and_tensor_lr():

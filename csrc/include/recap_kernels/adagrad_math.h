@@ -7,6 +7,17 @@
 // built against has one (Note [CUDA Adagrad order]). Including translation units must not contract
 // anything into FMAs that these functions do not spell out.
 //
+// Note [CPU Adagrad tail order]
+// torch's fused CPU Adagrad has a vector loop and a scalar tail loop too, split as Note [CPU tail
+// order] in adam_math.h says (the last numel % W elements of each tensor). Its AVX2 build contracts
+// both alike, measured as for Adam (tests/test_cpu_ops.py, test_tails_are_torchs_to_the_bit, and the
+// disassembly of libtorch_cpu.so): g + p * wd -> fma(p, wd, g) and sum + g * g -> fma(g, g, sum), the
+// rest separately rounded; bfloat16/float16 tails convert the hyperparameters to float as the
+// vector loop does. So kVector and kTail are one order here; the DEFAULT build (no FMA instruction)
+// rounds both products (kPlainVector, kPlainTail). The host code of the AVX2 build fuses the lr decay's
+// 1 + (step - 1) * lr_decay into fma(step - 1, lr_decay, 1) (vfmadd*sd), which float64 results show:
+// adagrad_scalars' ``fma``.
+//
 // Note [CUDA Adagrad order]
 // torch >= 2.12 has a fused CUDA Adagrad: adagrad_math and FusedAdagradMathFunctor in
 // ATen/native/cuda/fused_adagrad_utils.cuh. With opmath_t the math dtype T (float for
@@ -63,6 +74,7 @@
 // counters alone (multi_tensor.cuh). GradScaler's found_inf is 0 or 1, where the two agree.
 #pragma once
 
+#include "recap_kernels/adam_math.h"  // TorchCpuLoop, mul_add
 #include "recap_kernels/scalar_ops.h"
 
 namespace recap_kernels {
@@ -76,26 +88,30 @@ struct AdagradScalars {
   T grad_sign;     // -1 with maximize, else 1
 };
 
-// ``step`` is the step being taken (the stored counter plus one); double precision as torch.
+// ``step`` is the step being taken (the stored counter plus one); double precision as torch. ``fma``:
+// torch's AVX2 build, whose host code computes 1 + (step - 1) * lr_decay as one FMA (Note [CPU Adagrad
+// tail order]); false for its DEFAULT build, and for the CUDA kernels' CPU-order fallback (as before).
 template <typename T>
 RK_HOST_DEVICE AdagradScalars<T> adagrad_scalars(double lr, double lr_decay, double eps, double weight_decay,
-                                                 double step, bool maximize) {
+                                                 double step, bool maximize, bool fma = false) {
   AdagradScalars<T> s;
-  s.clr = T(lr / (1.0 + (step - 1.0) * lr_decay));
+  s.clr = T(lr / (fma ? rk_fma(step - 1.0, lr_decay, 1.0) : 1.0 + (step - 1.0) * lr_decay));
   s.eps = T(eps);
   s.weight_decay = T(weight_decay);
   s.grad_sign = maximize ? T(-1) : T(1);
   return s;
 }
 
-// One element of an Adagrad step, in place on math-dtype values; ``grad`` is already unscaled.
-template <typename T, bool WEIGHT_DECAY>
+// One element of an Adagrad step, in place on math-dtype values; ``grad`` is already unscaled. LOOP:
+// which of torch's loops to follow (Note [CPU Adagrad tail order]).
+template <typename T, bool WEIGHT_DECAY, TorchCpuLoop LOOP = TorchCpuLoop::kVector>
 RK_HOST_DEVICE void adagrad_update(T& param, T grad, T& state_sum, const AdagradScalars<T>& s) {
+  constexpr bool kFma = has_fma(LOOP);
   T g = grad * s.grad_sign;
   if constexpr (WEIGHT_DECAY) {
-    g = rk_fma(param, s.weight_decay, g);
+    g = mul_add<kFma>(param, s.weight_decay, g);
   }
-  state_sum = rk_fma(g, g, state_sum);
+  state_sum = mul_add<kFma>(g, g, state_sum);
   const T std = rk_sqrt(state_sum) + s.eps;
   param = param - (s.clr * g) / std;
 }
