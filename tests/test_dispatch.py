@@ -260,6 +260,31 @@ def test_data_replaced_by_a_non_contiguous_tensor_after_a_step(backend):
             twins.opt.step()
 
 
+@pytest.mark.parametrize("family", ["adam", "adagrad"])
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+def test_state_laid_out_unlike_its_parameter_goes_back_to_the_kernels(backend, family):
+    """State in another memory layout than its contiguous parameter (made by torch while ``p.data``
+    was transposed, or set by hand): made contiguous with its values at the next step, so the
+    kernels take the bucket again; the numbers stay torch.optim's."""
+    twins = _Twins(family, backend)
+    if backend == "auto":  # torch steps the transposed parameter, creating (or updating) its state so
+        twins.both(lambda opt, ps: setattr(ps[0], "data", ps[0].data.t().contiguous().t()))
+        twins.step()
+        assert "torch" in twins.opt.backends_used()
+        twins.both(lambda opt, ps: setattr(ps[0], "data", ps[0].data.contiguous()))
+    else:
+        twins.step()
+        twins.both(lambda opt, ps: opt.state[ps[0]].update(
+            {k: v.t().contiguous().t() for k, v in opt.state[ps[0]].items() if k != "step"}))
+    if family == "adam" or backend != "auto":  # (Adagrad's state exists before the step: contiguous)
+        assert not any(v.is_contiguous() for k, v in twins.opt.state[twins.params[0]].items() if k != "step")
+    for _ in range(2):
+        twins.step()
+        twins.check()
+    assert backend == "torch" or "torch" not in twins.opt.backends_used()
+    assert all(v.is_contiguous() for v in twins.opt.state[twins.params[0]].values())
+
+
 @pytest.mark.parametrize("change", ["grad float32 behind float64", "param switched to float64", "lr of 2 elements",
                                     "grad of another shape"])
 @pytest.mark.parametrize("backend", BACKENDS)

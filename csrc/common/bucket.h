@@ -79,6 +79,7 @@ class BoundBucket : public torch::CustomClassHolder {
   std::vector<int64_t> starts_;
   c10::Device device_{c10::kCPU};
   c10::ScalarType dtype_{c10::kFloat};
+  caffe2::TypeMeta dtype_meta_;
   at::Tensor grad_addresses_;  // int64 [n] on the CPU
   int64_t* grad_address_data_ = nullptr;
   std::vector<bool> others_aligned_;  // every slot but the gradient is 16-byte aligned, per tensor

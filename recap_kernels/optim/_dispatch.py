@@ -6,7 +6,9 @@ A step happens in three phases so that a step that raises changes nothing:
    way torch checks it (and against its own gradient and state: dtypes, shapes, devices), sorted
    into buckets by (device, dtype, memory layout) across param groups, and each bucket's backend is
    resolved through the registry. Any error is raised before state exists; then missing state is
-   created in torch's layout and each backend binds its buckets (C++ bound buckets, device tables).
+   created in torch's layout, state laid out unlike its contiguous parameter is made contiguous
+   (values kept: after ``p.data`` changed layout the parameter goes back to the kernels), and each
+   backend binds its buckets (C++ bound buckets, device tables).
 2. *Gather* (reads only): every bucket reads this step's gradients and hyperparameters and checks
    that its tensors are still what the plan was built for. A difference anywhere rebuilds the plan;
    an invalid hyperparameter raises. No bucket has been written yet.
@@ -283,11 +285,18 @@ class FusedStepMixin:
         if "step" not in state:
             raise RuntimeError(f"{where} has state without 'step'")
 
-    def _layout(self, p: Tensor, grad: Tensor, state: dict | None) -> str:
+    def _layout(self, p: Tensor, grad: Tensor, state: dict | None, tracing: bool) -> str:
         if grad.is_sparse:
             return SPARSE
-        tensors = [p, grad] + [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
-        return CONTIGUOUS if all(t.is_contiguous() for t in tensors) else STRIDED
+        if not (p.is_contiguous() and grad.is_contiguous()):
+            return STRIDED
+        # State laid out unlike its contiguous parameter (created while p.data was transposed or
+        # channels_last, or set by hand) is made contiguous in phase 2, values kept, as load_state_dict
+        # does: one layout change of p.data must not send a parameter to the slow path for good.
+        states = [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
+        if all(t.is_contiguous() for t in states) or (not tracing and all(t.layout == torch.strided for t in states)):
+            return CONTIGUOUS
+        return STRIDED
 
     def _build_plan(self, tracing: bool = False) -> _Plan:
         if not tracing and type(self.state) is not ObservedState:
@@ -307,7 +316,7 @@ class FusedStepMixin:
             self._check_param(group, p, grad)
             state = self.state.get(p)
             self._check_tensors(i, group, p, grad, state)
-            key = BucketKey(p.device, p.dtype, self._layout(p, grad, state))
+            key = BucketKey(p.device, p.dtype, self._layout(p, grad, state, tracing))
             spans = members.setdefault(key, [])
             if not spans or spans[-1][0] != gi:
                 spans.append((gi, []))
@@ -339,6 +348,8 @@ class FusedStepMixin:
                         state = self.state[p]
                     else:
                         self._normalize_step(group, p, state)
+                        if key.layout == CONTIGUOUS:
+                            self._contiguous_state(state)
                     bucket.params.append(p)
                     bucket.grads.append(p.grad)
                     bucket.steps.append(state["step"])
@@ -350,6 +361,12 @@ class FusedStepMixin:
             entries.append((chosen[key], bucket))
         plan = _Plan(entries)
         return plan if tracing else plan.record(self, structure, gradless)
+
+    @staticmethod
+    def _contiguous_state(state: dict) -> None:
+        for name, value in list(state.items()):
+            if name != "step" and isinstance(value, Tensor) and not value.is_contiguous():
+                state[name] = value.contiguous()
 
     def _state_tensors(self, p: Tensor) -> list[Tensor]:
         state = self.state.get(p) or {}
