@@ -620,3 +620,62 @@ def assert_same_adagrad_bits(got: list[tuple], want: list[tuple], amp: bool) -> 
                 continue
             assert h.dtype == w.dtype and torch.equal(h, w), (
                 f"param {n} {name}: max difference {(h.double() - w.double()).abs().max().item()}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding tables: sparse gradients and row-wise Adagrad
+# ------------------------------------------------------------------------------------------------
+# Exact sparse Adagrad has torch.optim.Adagrad itself as its reference. Row-wise Adagrad has none in
+# torch: it computes what FBGEMM's EXACT_ROWWISE_ADAGRAD computes (torchrec's Python RowWiseAdagrad
+# squares the row mean of the gradient instead of taking the row mean of its square, and fails with
+# weight decay), transcribed here in float64, one row at a time, written for reading, not speed.
+
+
+def sparse_rows_grad(rows: int, dim: int, indices: Sequence[int], *, dtype=torch.float32, seed: int = 3,
+                     device="cpu") -> torch.Tensor:
+    """An uncoalesced sparse COO gradient of a ``(rows, dim)`` table (sparse_dim 1, as
+    ``EmbeddingBag(sparse=True)`` makes them): one random row of values per entry of ``indices``,
+    repeats included."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(len(indices), dim, generator=gen).to(dtype)
+    index = torch.tensor(list(indices), dtype=torch.long).reshape(1, -1)
+    return torch.sparse_coo_tensor(index, values, (rows, dim), check_invariants=False).to(device)
+
+
+def summed_rows(grad: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Row -> the gradient of that row in float64: a dense gradient's every row, a sparse one's
+    distinct rows with duplicate entries summed (what torch's coalesce computes)."""
+    if not grad.is_sparse:
+        return {r: row.double() for r, row in enumerate(grad.detach().cpu())}
+    rows: dict[int, torch.Tensor] = {}
+    indices = grad._indices()[0].cpu().tolist()
+    values = grad._values().detach().cpu().double()
+    for r, v in zip(indices, values):
+        rows[r] = rows[r] + v if r in rows else v.clone()
+    return rows
+
+
+def rowwise_adagrad_reference(param: torch.Tensor, state_sum: torch.Tensor, step: torch.Tensor, grad: torch.Tensor,
+                              *, lr: float, lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+                              maximize: bool = False) -> None:
+    """One row-wise Adagrad step in place: ``param`` ``(rows, dim)``, ``state_sum`` ``(rows, 1)``,
+    ``step`` 0-d, ``grad`` dense or sparse COO (rows summed first). Per row with a gradient ``g``
+    (negated with maximize), in float64, results rounded once to the tensors' dtypes::
+
+        step += 1;  clr = lr / (1 + (step - 1) * lr_decay)
+        g += weight_decay * w                      (L2, rows with a gradient only)
+        sum += mean(g * g)                         (over the row)
+        w -= clr * g / (sqrt(sum) + eps)
+
+    Rows without a gradient (sparse) are left as they are, bit for bit.
+    """
+    step += 1
+    clr = lr / (1 + (float(step) - 1) * lr_decay)
+    for r, g in summed_rows(grad).items():
+        w = param[r].double()
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + weight_decay * w
+        s = state_sum[r].double() + (g * g).mean()
+        state_sum[r] = s.to(state_sum.dtype)
+        param[r] = (w - clr * g / (s.sqrt() + eps)).to(param.dtype)
