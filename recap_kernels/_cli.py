@@ -142,6 +142,10 @@ def bench(args: argparse.Namespace) -> int:
         kernel_rows = _kernel_suite(device, args, backends)
         all_rows += kernel_rows
         ok &= all(r["check"].startswith("OK") for r in kernel_rows)
+    if args.suite in ("embedding", "all"):
+        embedding_rows = _embedding_suite(device, args)
+        all_rows += embedding_rows
+        ok &= all(r["check"] == "-" or r["check"].startswith("OK") for r in embedding_rows)
     print(
         f"\nbench took {time.perf_counter() - started:.1f} s; "
         + ("every contender matches torch" if ok else "MISMATCH: see above")
@@ -168,6 +172,21 @@ def _kernel_suite(device: torch.device, args: argparse.Namespace, backends: list
                                             backends=backends)
     table_rows = buckets.rows(results, roofline, device, run.environment(device))
     print(buckets.format_rows(table_rows, roofline, device))
+    return table_rows
+
+
+def _embedding_suite(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    from recap_kernels.bench import embedding, run
+
+    steps = KERNEL_STEPS[device.type] if args.steps is None else args.steps
+    warmup = DEFAULT_WARMUP[device.type] if args.warmup is None else args.warmup
+    # The CPU table is already sized for a CPU: "default" runs it as it is, like the GPU's.
+    scale = {"small": 1 / 16, "default": 1.0}.get(args.size) or float(args.size)
+    print(f"bench: embedding tables on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr, flush=True)
+    results = embedding.run_embedding_suite(device, steps=steps, warmup=warmup, scale=scale)
+    rows, dim = embedding.TABLES[device.type]
+    table_rows = embedding.rows(results, run.environment(device), (max(1, int(rows * scale)), dim))
+    print(embedding.format_rows(table_rows))
     return table_rows
 
 
@@ -202,11 +221,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument(
         "--suite",
-        choices=("recap", "kernels", "all"),
+        choices=("recap", "kernels", "embedding", "all"),
         default="all",
         help="recap: the recap model's step per backend; kernels: Adam and Adagrad over one large tensor and "
         "over 5,000 small ones against torch's single-tensor/foreach/fused paths and the memory roofline; "
-        "all (default): both",
+        "embedding: exact and row-wise Adagrad on one large table with sparse gradients of 16k/64k/256k rows, "
+        "against torch's sparse and dense fused steps and FBGEMM's TBE when installed; all (default): the three",
     )
     bench_parser.add_argument("--json", metavar="PATH", help="also write long-format result rows to PATH")
     return parser

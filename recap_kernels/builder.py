@@ -10,7 +10,8 @@
   config the ``embedding_bags`` parameters still go to ``"embeddings"``, so that config is obeyed
   rather than ignored.
 
-Dense groups share one :class:`recap_kernels.optim.Adam`; the embedding group gets Adagrad or SGD.
+Dense groups share one :class:`recap_kernels.optim.Adam`; the embedding group gets Adagrad (dense or
+sparse gradients), :class:`recap_kernels.optim.RowWiseAdagrad` or SGD.
 Each group carries its name under ``"name"`` and follows its own schedule through one
 :class:`~recap_kernels.schedules.RecapLRScheduler`. Anything that would leave a group without a
 schedule, or a schedule without a group, is a ``ValueError`` naming both sides.
@@ -162,9 +163,15 @@ def _embedding_optimizer(
             [group], lr=_UNSCHEDULED_LR, momentum=config.sgd.momentum, weight_decay=config.sgd.weight_decay
         )
     adagrad = config.adagrad
-    if adagrad.mode == "rowwise":
-        raise ValueError(
-            "emb_optimizer_config.adagrad.mode 'rowwise': row-wise Adagrad is not available in this version"
+    if adagrad.mode == "rowwise":  # dense or sparse gradients alike
+        return optim.RowWiseAdagrad(
+            [group],
+            lr=_UNSCHEDULED_LR,
+            lr_decay=adagrad.lr_decay,
+            weight_decay=adagrad.weight_decay,
+            initial_accumulator_value=adagrad.initial_accumulator_value,
+            eps=adagrad.eps,
+            backend=backend,
         )
     # "dense" and "sparse" are one optimizer: Adagrad follows whichever gradient layout arrives.
     return optim.Adagrad(

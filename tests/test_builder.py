@@ -237,10 +237,31 @@ def test_an_embedding_optimizer_without_embedding_parameters_is_an_error():
         build_optimizer(model, {"single_task_learning_rate": {"constant": 0.1}}, ADAGRAD)
 
 
-def test_rowwise_adagrad_is_refused_clearly():
-    rowwise = {**ADAGRAD, "adagrad": {"mode": "rowwise"}}
-    with pytest.raises(ValueError, match="row-wise Adagrad is not available"):
-        build_optimizer(HeavyRanker(), _multi_task(), rowwise)
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_rowwise_adagrad_trains_the_tables(sparse):
+    model = HeavyRanker(sparse=sparse)
+    rowwise = {**ADAGRAD, "adagrad": {"mode": "rowwise", "initial_accumulator_value": 0.1}}
+    optimizer, scheduler = build_optimizer(model, _multi_task(), rowwise)
+    assert isinstance(optimizer.embedding, optim.RowWiseAdagrad)
+    table = model.embedding_bags["user"].weight
+    before = table.detach().clone()
+    _train(model, optimizer, scheduler, _batches(2))
+    assert table.grad.is_sparse == sparse
+    assert optimizer.embedding.state[table]["sum"].shape == (table.shape[0], 1)
+    assert not torch.equal(table, before)
+
+
+def test_a_sparse_gradient_in_an_adam_group_names_the_group():
+    model = HeavyRanker()
+    model.lookup = nn.Embedding(5, 3, sparse=True)  # not an embedding_bags table: it lands in the backbone
+    optimizer, _ = build_optimizer(model, _multi_task(), ADAGRAD)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.lookup.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (5, 3))
+    with pytest.raises(RuntimeError, match=r"Adam does not support sparse gradients.*shape \(5, 3\) in param group "
+                                           r"'backbone'"):
+        optimizer.step()
 
 
 # -- schedules and training -------------------------------------------------------------------------

@@ -110,3 +110,20 @@ def test_bench_on_cuda_agrees_across_every_available_backend(tmp_path):
     rows = json.loads(path.read_text())
     assert {"recap-torch", "torch-fused"} <= {row["contender"] for row in rows}
     assert all(row["check"] == "OK" and row["device"] == "cuda" for row in rows)
+
+
+def test_embedding_suite_rows_pass_their_checks():
+    from recap_kernels.bench import embedding
+    from recap_kernels.bench.run import environment
+
+    device = torch.device("cpu")
+    results = embedding.run_embedding_suite(device, steps=1, warmup=0, scale=0.001, touched=(256, 1024))
+    rows = embedding.rows(results, environment(device), (2000, 64))
+    contenders = {r["contender"] for r in rows}
+    assert {"torch-sparse", "torch-dense-fused", "recap-torch rowwise", "torch-fwd-bwd"} <= contenders
+    assert {r["touched"] for r in rows} == {256, 1024}
+    assert all(r["check"] == "-" or r["check"].startswith("OK") for r in rows), [r["check"] for r in rows]
+    sparse = next(r for r in rows if r["contender"] == "torch-sparse")
+    assert sparse["speedup_vs_torch_sparse"] == 1.0 and sparse["with_forward_backward_ms"] > sparse["p50"]
+    assert "torch-fwd-bwd" in embedding.format_rows(rows)
+    assert embedding._check(torch.zeros(3), torch.ones(3)).startswith("MISMATCH")

@@ -36,7 +36,8 @@ OK = Availability(True, "")
 # Memory layouts of a bucket's tensors, as the plan sees them.
 CONTIGUOUS = "contiguous"  # parameter, gradient and state contiguous and apart: every kernel takes these
 STRIDED = "strided"  # a non-contiguous parameter, gradient or state tensor: the torch backend's job
-SPARSE = "sparse"  # a sparse COO gradient
+SPARSE = "sparse"  # a sparse COO gradient of whole rows (sparse_dim 1) of a contiguous table: the table kernels
+SPARSE_OTHER = "other-sparse"  # any other sparse COO gradient, or a non-contiguous table: the torch backend's job
 OVERLAPPING = "overlapping"  # contiguous, but some tensors share memory: updated in order, by torch
 
 
@@ -49,7 +50,7 @@ class BucketKey(NamedTuple):
 
     @property
     def sparse(self) -> bool:
-        return self.layout == SPARSE
+        return self.layout in (SPARSE, SPARSE_OTHER)
 
     def __str__(self) -> str:
         return f"{self.layout} {str(self.dtype).removeprefix('torch.')} tensors on {self.device}"
@@ -68,11 +69,32 @@ def kernel_supports(kernels: str, key: BucketKey, groups) -> Availability:
                                    f"their states share memory: they are updated one after another, in order")
     if key.layout != CONTIGUOUS:
         return Availability(False, f"{kernels} take contiguous dense tensors, not {key.layout} ones")
+    return _kernel_dtype_and_autograd(kernels, key, groups)
+
+
+def _kernel_dtype_and_autograd(kernels: str, key: BucketKey, groups) -> Availability:
     if key.dtype not in KERNEL_DTYPES:
         return Availability(False, f"{kernels} take float32/bfloat16/float16/float64, not {key.dtype}")
-    if any(group["differentiable"] for group in groups):
+    if any(group.get("differentiable") for group in groups):
         return Availability(False, "differentiable=True needs autograd through the update: the torch backend")
     return OK
+
+
+def is_table_step(kind: str, key: BucketKey) -> bool:
+    """Whether a kernel backend runs this bucket with its table ops (Note [Table steps]) rather than the
+    multi-tensor kernels: sparse gradients of Adagrad, and row-wise Adagrad with either kind of gradient."""
+    return kind == "rowwise_adagrad" or (kind == "adagrad" and key.layout == SPARSE)
+
+
+def table_supports(kernels: str, kind: str, key: BucketKey, groups, has_table_ops: Availability) -> Availability:
+    """:func:`kernel_supports` for table steps: contiguous tables with dense or whole-row sparse gradients."""
+    if not has_table_ops.ok:
+        return has_table_ops
+    if key.layout not in (CONTIGUOUS, SPARSE):
+        what = "row-wise Adagrad" if kind == "rowwise_adagrad" else "sparse Adagrad"
+        return Availability(False, f"{kernels} run {what} on contiguous tables with dense gradients or sparse "
+                                   f"gradients of whole rows (sparse_dim 1), not {key.layout} ones")
+    return _kernel_dtype_and_autograd(kernels, key, groups)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +136,7 @@ def hyper_rows(kind: str, groups: list[dict[str, Any]], device: torch.device) ->
     for group in groups:
         lr, lr_tensor = lr_operand(group["lr"], device)
         lr_tensors.append(lr_tensor)
-        if kind == "adagrad":
+        if kind != "adam":  # Adagrad, sparse or row-wise
             rows += (lr, float(group["lr_decay"]), float(group["eps"]), float(group["weight_decay"]))
         else:
             beta1, beta2 = group["betas"]
@@ -124,7 +146,7 @@ def hyper_rows(kind: str, groups: list[dict[str, Any]], device: torch.device) ->
 
 def state_names(kind: str, amsgrad: bool = False) -> tuple[str, ...]:
     """The state tensors a kernel reads, in its slot order (after the parameter and the gradient)."""
-    if kind == "adagrad":
+    if kind != "adam":
         return ("sum",)
     return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
@@ -210,16 +232,51 @@ def kernel_switches(kind: str):
     return lambda group: (group["maximize"],)
 
 
+# Note [Table steps]
+# Embedding tables step through their own ops, one call per run like the multi-tensor kernels:
+# Adagrad with sparse gradients (exact: duplicate rows summed, only the rows present touched) and
+# row-wise Adagrad (one accumulator per row) with dense or sparse gradients. Their buckets hold a few
+# large tables, so they are not bound into BoundBuckets: the gather reads the gradients in Python,
+# checks each against what the plan saw (layout, dtype, shape, device: a sparse gradient is a new
+# tensor every step) and checks every sparse gradient's row indices, so that an index out of range
+# raises before any bucket is written (on CUDA that check is the one host sync of such a step).
+
+
+def _table_grad_signature(grad: Tensor) -> tuple:
+    sparse = grad.is_sparse
+    return (grad.layout, grad.dtype, grad.shape, grad.device, grad.sparse_dim() if sparse else grad.is_contiguous())
+
+
+def bind_table_step(bucket: Bucket, tracing: bool) -> None:
+    """What a table step's gather checks against (Note [Table steps])."""
+    bucket.planned = None if tracing else tuple(_table_grad_signature(p.grad) for p in bucket.params)
+
+
+def check_row_indices(params: list[Tensor], grads: list[Tensor]) -> None:
+    """Every sparse gradient's row indices within its table, else an IndexError before anything is written."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.is_sparse and g._nnz():
+            low, high = torch.aminmax(g._indices())
+            if bool(low < 0) or bool(high >= p.shape[0]):
+                raise IndexError(f"a sparse gradient of a table of {p.shape[0]} rows (param {i} of its bucket) has "
+                                 f"row indices from {int(low)} to {int(high)}: out of range")
+
+
 def gather_runs(kind: str, bucket: Bucket) -> str:
-    """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (traced steps,
-    which have none, read them as a list), then every run's :func:`hyper_rows`."""
+    """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (table steps and
+    traced steps, which have none, read them as a list), then every run's :func:`hyper_rows`."""
     for run in bucket.runs:
         if run.bound is not None and run.bound.gather() != 0:
             return run.bound.change()
     if bucket.runs[0].bound is None:
-        bucket.grads = [p.grad for p in bucket.params]
-        if any(g is None for g in bucket.grads):
+        grads = [p.grad for p in bucket.params]
+        if any(g is None for g in grads):
             return f"a parameter of {bucket.key} has no gradient"
+        if bucket.planned is not None:  # a table step (Note [Table steps])
+            if tuple(map(_table_grad_signature, grads)) != bucket.planned:
+                return f"a gradient of {bucket.key} changed layout, dtype, shape or device"
+            check_row_indices(bucket.params, grads)
+        bucket.grads = grads
     for run in bucket.runs:
         run.hyper = hyper_rows(kind, run.groups, bucket.key.device)
     return ""

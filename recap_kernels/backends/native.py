@@ -20,6 +20,10 @@ On CUDA a step is one launch per bucket plus one that advances the step counters
 number of tensors and groups (Note [Multi-tensor launch] in ``csrc/cuda/multi_tensor.cuh``);
 ``step``, a Tensor lr on the device and GradScaler's tensors are read by the kernels: no host
 synchronisation, so ``capturable`` steps can be captured in a CUDA graph.
+
+Embedding tables (sparse Adagrad, row-wise Adagrad) run through the table ops
+``fused_sparse_adagrad_`` / ``fused_rowwise_adagrad_`` (Note [Table steps] in ``_base.py``) where
+this build has them for the device.
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ from recap_kernels.backends._base import (
     Bucket,
     BucketKey,
     amp_on_device,
+    bind_table_step,
     gather_runs,
+    is_table_step,
     kernel_supports,
     kernel_switches,
+    table_supports,
 )
 from recap_kernels.backends._bound import bound_bucket
 
 _OPS = ("fused_adam_", "fused_adagrad_")
+_TABLE_OPS = ("fused_sparse_adagrad_", "fused_rowwise_adagrad_")  # Note [Table steps]
 
 # Whether eager steps use bound buckets (tests switch it off to compare with the list ops).
 bind_buckets = True
@@ -89,6 +97,7 @@ class NativeBackend:
         # Decided once, at import: whether the extension is there cannot change within a process, and a
         # plain attribute is what torch.compile can trace through (the loader's import machinery is not).
         self._extension = self._extension_verdict()
+        self._table_ops = self._ops_verdict(_TABLE_OPS) if self._extension.ok else self._extension
 
     def __repr__(self) -> str:
         return f"<recap_kernels backend {self.name!r}>"
@@ -101,8 +110,12 @@ class NativeBackend:
         if self.device_type == "cuda" and not _ext.build_info().get("cuda_extension"):
             notes = "; ".join(_ext.build_info().get("notes", [])) or "RECAP_KERNELS_BUILD_CUDA=0 or no nvcc at build time"
             return Availability(False, f"recap_kernels._C was built without CUDA kernels ({notes})")
-        missing = [op for op in _OPS
-                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"recap_kernels::{op}", key)]
+        return self._ops_verdict(_OPS)
+
+    def _ops_verdict(self, ops: tuple[str, ...]) -> Availability:
+        key = self.device_type.upper()
+        missing = [op for op in ops if not hasattr(torch.ops.recap_kernels, op)
+                   or not torch._C._dispatch_has_kernel_for_dispatch_key(f"recap_kernels::{op}", key)]
         if missing:
             return Availability(False, f"recap_kernels._C has no {key} kernels for {', '.join(missing)}")
         return OK
@@ -118,11 +131,16 @@ class NativeBackend:
         return _cuda_device_verdict(device.index if device.index is not None else torch.cuda.current_device())
 
     def supports(self, kind: str, key: BucketKey, groups) -> Availability:
+        if is_table_step(kind, key):
+            return table_supports(self.kernels, kind, key, groups, self._table_ops)
         return kernel_supports(self.kernels, key, groups)
 
     # -- the step -----------------------------------------------------------------------------------
     def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
         bucket.runs = bucket.split_runs(kernel_switches(kind))
+        if is_table_step(kind, bucket.key):
+            bind_table_step(bucket, tracing)
+            return
         if tracing or not bind_buckets:
             return
         for run in bucket.runs:
@@ -134,6 +152,14 @@ class NativeBackend:
 
     def step(self, kind: str, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         grad_scale, found_inf = amp_on_device(bucket.key.device, grad_scale, found_inf)
+        if is_table_step(kind, bucket.key):
+            table_op = _ops.fused_rowwise_adagrad_ if kind == "rowwise_adagrad" else _ops.fused_sparse_adagrad_
+            for run in bucket.runs:
+                hyper, lr_tensors = run.hyper
+                (sums,) = bucket.run_states(kind, run)
+                table_op(bucket.params[run.part], bucket.grads[run.part], sums, bucket.steps[run.part], run.sizes,
+                         hyper, lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
+            return
         for run in bucket.runs:
             hyper, lr_tensors = run.hyper
             if kind == "adam":

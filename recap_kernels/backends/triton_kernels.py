@@ -21,13 +21,17 @@ import os
 import torch
 
 from recap_kernels.backends._base import (
+    OK,
     Availability,
     Bucket,
     BucketKey,
     amp_on_device,
+    bind_table_step,
     gather_runs,
+    is_table_step,
     kernel_supports,
     kernel_switches,
+    table_supports,
 )
 
 
@@ -70,10 +74,20 @@ class TritonBackend:
         return self._importable()
 
     def supports(self, kind: str, key: BucketKey, groups) -> Availability:
+        if is_table_step(kind, key):
+            return table_supports("the Triton kernels", kind, key, groups, self._table_kernels())
         return kernel_supports("the Triton kernels", key, groups)
+
+    def _table_kernels(self) -> Availability:
+        if importlib.util.find_spec("recap_kernels._triton.embedding") is None:
+            return Availability(False, "this version has no Triton kernels for embedding tables")
+        return OK
 
     def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
         bucket.runs = bucket.split_runs(kernel_switches(kind))
+        if is_table_step(kind, bucket.key):
+            bind_table_step(bucket, tracing)
+            return
         if not tracing:
             for run in bucket.runs:
                 _kernels().bind_run(kind, bucket, run)
@@ -83,6 +97,16 @@ class TritonBackend:
 
     def step(self, kind: str, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         grad_scale, found_inf = amp_on_device(bucket.key.device, grad_scale, found_inf)
+        if is_table_step(kind, bucket.key):  # Note [Table steps]
+            from recap_kernels._triton import embedding
+
+            table_step = embedding.rowwise_adagrad_step if kind == "rowwise_adagrad" else embedding.sparse_adagrad_step
+            for run in bucket.runs:
+                hyper, lr_tensors = run.hyper
+                (sums,) = bucket.run_states(kind, run)
+                table_step(bucket.params[run.part], bucket.grads[run.part], sums, bucket.steps[run.part], run.sizes,
+                           hyper, lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
+            return
         for run in bucket.runs:
             if run.bound is not None:
                 _kernels().step_run(kind, bucket, run, grad_scale=grad_scale, found_inf=found_inf)

@@ -3,7 +3,8 @@
 Every public name of ``torch.optim`` is re-exported unchanged (``SGD``, ``lr_scheduler``,
 ``Optimizer``, the functional modules, ...), except ``Adam``, ``AdamW`` and ``Adagrad``, which are
 recap_kernels' subclasses of torch's classes: same arguments plus ``backend``, same state and
-numbers, with the update running on fused kernels. Migrating is one line::
+numbers, with the update running on fused kernels; and one more optimizer for embedding tables,
+``RowWiseAdagrad`` (torchrec's arguments and state, FBGEMM's row-wise numbers). Migrating is one line::
 
     from recap_kernels import optim      # was: from torch import optim
 """
@@ -16,5 +17,7 @@ globals().update({k: v for k, v in vars(_torch_optim).items() if not k.startswit
 
 from recap_kernels.optim._adagrad import Adagrad  # noqa: E402, F401
 from recap_kernels.optim._adam import Adam, AdamW  # noqa: E402, F401
+from recap_kernels.optim._rowwise_adagrad import RowWiseAdagrad  # noqa: E402, F401
 
-__all__ = list(_torch_optim.__all__)  # the same names as torch.optim, Adam/AdamW/Adagrad being ours
+# The same names as torch.optim (Adam/AdamW/Adagrad being ours), and RowWiseAdagrad.
+__all__ = [*_torch_optim.__all__, "RowWiseAdagrad"]

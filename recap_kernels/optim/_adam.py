@@ -16,8 +16,10 @@ class _AdamStep(FusedStepMixin):
 
     def _check_param(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         # The errors torch.optim.Adam raises mid-step, raised here before anything changes.
-        if grad.is_sparse:
-            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        if grad.is_sparse:  # torch's message, plus which parameter (an embedding table left in an Adam group)
+            group_name = f" in param group {group['name']!r}" if "name" in group else ""
+            raise RuntimeError(f"Adam does not support sparse gradients, please consider SparseAdam instead: a "
+                               f"parameter of shape {tuple(p.shape)}{group_name} has a sparse gradient")
         state = self.state.get(p)
         if not state and group["fused"]:
             _device_dtype_check_for_fused(p)

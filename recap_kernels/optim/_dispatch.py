@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from recap_kernels.backends import ENV_VAR, Backend, Bucket, BucketKey, check_backend_name, resolve
-from recap_kernels.backends._base import CONTIGUOUS, OVERLAPPING, SPARSE, STRIDED, state_names
+from recap_kernels.backends._base import CONTIGUOUS, OVERLAPPING, SPARSE, SPARSE_OTHER, STRIDED, state_names
 from recap_kernels.optim._observed import ObservedList, ObservedState, mutations, observed_state
 
 log = logging.getLogger("recap_kernels")
@@ -175,6 +175,10 @@ class FusedStepMixin:
     def _new_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def _state_shape(self, p: Tensor) -> torch.Size:
+        """The shape of ``p``'s state tensors: ``p``'s own, but for row-wise Adagrad's one value a row."""
+        return p.shape
+
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return state_names(self._kind, group.get("amsgrad", False))
 
@@ -205,7 +209,7 @@ class FusedStepMixin:
         # Autograd records the update only with differentiable=True. torch's optimizers get this
         # from a decorator that also breaks the torch.compile graph; a context manager does not,
         # and the kernels' custom ops mutate their arguments in place either way.
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable"))):
             plan = self._plan()
             plan.run(self._kind, grad_scale, found_inf)
         self._last_backends = plan.backend_names
@@ -278,7 +282,7 @@ class FusedStepMixin:
                        "add the state (e.g. max_exp_avg_sq = exp_avg_sq.clone()) or clear this parameter's state"
                        if name == "max_exp_avg_sq" else ""))
             t = state[name]
-            if not isinstance(t, Tensor) or t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
+            if not isinstance(t, Tensor) or t.dtype != p.dtype or t.shape != self._state_shape(p) or t.device != p.device:
                 got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
                 raise RuntimeError(f"{where} has state {name!r} of another dtype, shape or device ({got}): "
                                    f"torch.optim fails on it too; convert the state or load it with load_state_dict")
@@ -286,14 +290,15 @@ class FusedStepMixin:
             raise RuntimeError(f"{where} has state without 'step'")
 
     def _layout(self, p: Tensor, grad: Tensor, state: dict | None, tracing: bool) -> str:
-        if grad.is_sparse:
-            return SPARSE
+        states = [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
+        if grad.is_sparse:  # whole rows of a contiguous table go to the table kernels (Note [Table steps])
+            whole_rows = grad.sparse_dim() == 1 and p.dim() >= 1 and p.is_contiguous()
+            return SPARSE if whole_rows and all(t.is_contiguous() for t in states) else SPARSE_OTHER
         if not (p.is_contiguous() and grad.is_contiguous()):
             return STRIDED
         # State laid out unlike its contiguous parameter (created while p.data was transposed or
         # channels_last, or set by hand) is made contiguous in phase 2, values kept, as load_state_dict
         # does: one layout change of p.data must not send a parameter to the slow path for good.
-        states = [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
         if all(t.is_contiguous() for t in states) or (not tracing and all(t.layout == torch.strided for t in states)):
             return CONTIGUOUS
         return STRIDED
