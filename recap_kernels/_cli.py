@@ -133,10 +133,12 @@ def bench(args: argparse.Namespace) -> int:
     if args.suite in ("recap", "all"):
         print(f"bench: {', '.join(contenders)} on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr,
               flush=True)
-        report = run.run(workload, device, contenders, steps=steps, warmup=warmup)
-        print(run.format_report(report, size_note))
-        all_rows += run.rows(report)
-        ok &= report.ok
+        kinds = ("sparse", "dense") if args.embedding_gradients == "both" else (args.embedding_gradients,)
+        for i, kind in enumerate(kinds):  # the table's gradients as in training first, then dense ones
+            report = run.run(workload.with_embedding_gradients(kind), device, contenders, steps=steps, warmup=warmup)
+            print(("\n" if i else "") + run.format_report(report, size_note))
+            all_rows += run.rows(report)
+            ok &= report.ok
     if args.suite in ("kernels", "all"):
         backends = [name for name in requested if name in BACKEND_NAMES] if requested else None
         kernel_rows = _kernel_suite(device, args, backends)
@@ -227,6 +229,13 @@ def _parser() -> argparse.ArgumentParser:
         "over 5,000 small ones against torch's single-tensor/foreach/fused paths and the memory roofline; "
         "embedding: exact and row-wise Adagrad on one large table with sparse gradients of 16k/64k/256k rows, "
         "against torch's sparse and dense fused steps and FBGEMM's TBE when installed; all (default): the three",
+    )
+    bench_parser.add_argument(
+        "--embedding-gradients",
+        choices=("sparse", "dense", "both"),
+        default="both",
+        help="the recap suite's table gradients: sparse (nn.EmbeddingBag(sparse=True), as in training), dense, "
+        "or both (default: two tables, sparse first)",
     )
     bench_parser.add_argument("--json", metavar="PATH", help="also write long-format result rows to PATH")
     return parser
