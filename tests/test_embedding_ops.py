@@ -160,7 +160,10 @@ def test_sparse_adagrad_large_table_many_duplicates(dtype):
     indices = (torch.rand(50_000, generator=gen) ** 3 * rows).long().tolist()
     state = [[torch.randn(rows, dim, generator=gen).to(dtype)], [sparse_rows_grad(rows, dim, indices, dtype=dtype)],
              [(torch.rand(rows, dim, generator=gen) + 0.1).to(dtype)], [torch.tensor(0.0)]]
-    expected = _torch_sparse_adagrad(state, hyper={k: v[:1] for k, v in SPARSE_HYPER.items()})
+    # Row 0 has thousands of entries: float32 sums of them differ from float64 ones, so float32 tables
+    # are compared with torch's float32 step (which sums them in float32 too).
+    math = torch.float32 if dtype == torch.float32 else torch.float64
+    expected = _torch_sparse_adagrad(state, math=math, hyper={k: v[:1] for k, v in SPARSE_HYPER.items()})
     _ops.fused_sparse_adagrad_(*state, [1], _hyper({k: v[:1] for k, v in SPARSE_HYPER.items()}), [None],
                                maximize=False)
     _assert_close(state[0], expected[0], dtype, "params")
@@ -180,8 +183,7 @@ def test_results_do_not_depend_on_the_number_of_threads():
         finally:
             torch.set_num_threads(threads)
     for a, b in zip(results[:2], results[2:]):
-        for x, y in zip(a, b):
-            assert all(torch.equal(u, v) for u, v in zip(x, y))
+        _assert_unchanged(a, _snapshot(b))
 
 
 # -- row-wise Adagrad -------------------------------------------------------------------------------------------------
@@ -213,8 +215,7 @@ def test_a_tensor_lr_is_read_at_each_call(rowwise, lr_dtype):
     with_float = _clone(with_tensor)
     call(with_tensor, lr_tensors=[None, lr], hyper={**hyper, "lr": [hyper["lr"][0], 123.0]})  # the tensor wins
     call(with_float, hyper={**hyper, "lr": [hyper["lr"][0], float(lr)]})
-    for a, b in zip(with_tensor, with_float):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    _assert_unchanged(with_tensor, _snapshot(with_float))
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
@@ -241,17 +242,15 @@ def test_amp_unscales_the_gradients_in_place_and_found_inf_skips_everything(dtyp
     amp = _clone(unscaled)
     amp[1] = scaled_grads()
     call(amp, grad_scale=scale, found_inf=torch.tensor(0.0))
-    for a, b in zip(amp, plain):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))  # gradients unscaled in place, tables the same
+    _assert_unchanged(amp, _snapshot(plain))  # gradients unscaled in place, tables the same
     for g in amp[1]:
         assert g.is_sparse == sparse
 
     skipped = _clone(unscaled)
     skipped[1] = scaled_grads()
-    before = _clone(skipped)
+    before = _snapshot(skipped)
     call(skipped, grad_scale=scale, found_inf=torch.tensor(1.0))
-    for a, b in zip(skipped, before):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    _assert_unchanged(skipped, before)
 
 
 def test_amp_unscales_non_contiguous_values_in_place():
@@ -281,11 +280,6 @@ def test_an_empty_gradient_only_advances_step(rowwise):
     for k in (0, 2):
         assert all(torch.equal(x, y) for x, y in zip(state[k], before[k]))
     assert [float(s) for s in state[3]] == [float(s) + 1 for s in before[3]]
-
-
-def test_an_empty_call_does_nothing():
-    _ops.fused_sparse_adagrad_([], [], [], [], [], [], [], maximize=False)
-    _ops.fused_rowwise_adagrad_([], [], [], [], [], [], [], maximize=False)
 
 
 # -- checks before any write ------------------------------------------------------------------------------------------
@@ -357,17 +351,16 @@ def test_sparse_adagrad_refuses_bad_arguments_before_any_write(kwargs, message):
     _assert_unchanged(state, snapshot)
 
 
-@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-@pytest.mark.parametrize("mutate,error,message", [
-    (_set(2, 1, lambda s: torch.rand(7, 3)), RuntimeError, r"state_sums\[1\] must have shape \[7, 1\]"),
-    (_set(1, 1, lambda g: g.t().contiguous().t()), RuntimeError, r"grads\[1\] must be contiguous"),
-    (_set(1, 1, _bad_index(7)), IndexError, r"out of range"),
-    (_set(1, 1, lambda g: g[:6]), RuntimeError, r"grads\[1\] must have shape \[7, 3\]"),
-])
-def test_rowwise_adagrad_refuses_bad_calls_before_any_write(mutate, error, message, sparse):
+@pytest.mark.parametrize("sparse,mutate,error,message", [
+    (True, _set(2, 1, lambda s: torch.rand(7, 3)), RuntimeError, r"state_sums\[1\] must have shape \[7, 1\]"),
+    (True, _set(1, 1, _bad_index(7)), IndexError, r"out of range"),
+    (False, _set(2, 1, lambda s: torch.rand(7, 3)), RuntimeError, r"state_sums\[1\] must have shape \[7, 1\]"),
+    (False, _set(1, 1, lambda g: g.t().contiguous().t()), RuntimeError, r"grads\[1\] must be contiguous"),
+    (False, _set(1, 1, lambda g: g[:6]), RuntimeError, r"grads\[1\] must have shape \[7, 3\]"),
+    (False, _set(1, 1, lambda g: g.half()), RuntimeError, r"grads\[1\] has dtype Half"),
+], ids=["sparse-sum-shape", "sparse-index", "dense-sum-shape", "dense-non-contiguous", "dense-shape", "dense-dtype"])
+def test_rowwise_adagrad_refuses_bad_calls_before_any_write(sparse, mutate, error, message):
     state = _state(torch.float32, rowwise=True, sparse=sparse)
-    if sparse != state[1][1].is_sparse or sparse == ("contiguous" in message or "[7, 3]" in message):
-        pytest.skip("a check of the other gradient layout")
     mutate(state)
     snapshot = _snapshot(state)
     with pytest.raises(error, match=message):
