@@ -89,6 +89,16 @@ TORCH_LIBRARY(recap_kernels, m) {
       "_emulate_cuda_fused_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
       "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Test-only, in builds with CUDA kernels: the table ops on CPU tensors through the CUDA kernels'
+  // block bodies, run on the host (cuda/emulate.cu; tests/test_cuda_embedding.py).
+  m.def(
+      "_emulate_cuda_fused_sparse_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "_emulate_cuda_fused_rowwise_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Test-only: out = src, through convert.h's load and store (tests/test_math_edges.py).
   m.def("_convert_(Tensor(a!) out, Tensor src) -> ()");
 

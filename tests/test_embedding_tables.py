@@ -320,3 +320,54 @@ def test_rowwise_adagrad_is_fbgemms_exact_rowwise_adagrad(backend):
         opt.step()
     torch.testing.assert_close(bag.weight.detach(), tbe.split_embedding_weights()[0])
     torch.testing.assert_close(opt.state[bag.weight]["sum"].flatten(), tbe.split_optimizer_states()[0][0])
+
+
+def _cuda_table_backends() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    key = BucketKey(torch.device("cuda"), torch.float32, SPARSE)
+    return [name for name in ("cuda", "triton") if get_backend(name).available(key.device).ok
+            and get_backend(name).supports("adagrad", key, [{}]).ok]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("rows", [1, 1000, 100_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tables_on_cuda_match_torch_and_the_reference(dtype, rows):
+    """Every CUDA backend with table kernels: exact sparse Adagrad against torch's sparse step on the GPU,
+    row-wise Adagrad (sparse and dense gradients) against the float64 reference, after several steps."""
+    backends = _cuda_table_backends()
+    if not backends:
+        pytest.skip("no CUDA backend with table kernels in this build")
+    dim = 129 if rows < 100_000 else 64
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(rows, dim, generator=gen).to(dtype)
+    grads = [sparse_rows_grad(rows, dim, _indices(rows, min(4 * rows, 20_000), gen), dtype=dtype, seed=s)
+             for s in range(3)]
+    for backend in backends:
+        ref = init.clone().cuda().requires_grad_()
+        p = init.clone().cuda().requires_grad_()
+        ref_opt = torch.optim.Adagrad([ref], lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)
+        opt = optim.Adagrad([p], lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, backend=backend)
+        for g in grads:
+            ref.grad, p.grad = g.cuda(), g.cuda()
+            ref_opt.step()
+            opt.step()
+        assert opt.backends_used() == {backend}
+        torch.testing.assert_close(p.detach(), ref.detach(), **tolerances(dtype))
+        torch.testing.assert_close(opt.state[p]["sum"], ref_opt.state[ref]["sum"], **tolerances(dtype))
+        for sparse in (True, False):
+            table = init.clone().cuda().requires_grad_()
+            rowwise = optim.RowWiseAdagrad([table], lr=0.1, weight_decay=0.01, backend=backend)
+            expected, sums, step = init.clone(), torch.zeros(rows, 1, dtype=dtype), torch.tensor(0.0)
+            for g in grads:
+                g = g if sparse else g.to_dense()
+                table.grad = g.cuda()
+                rowwise.step()
+                rowwise_adagrad_reference(expected, sums, step, g, lr=0.1, lr_decay=0.0, weight_decay=0.01,
+                                          eps=1e-10)
+            assert rowwise.backends_used() == {backend}
+            torch.testing.assert_close(table.detach().cpu(), expected, **tolerances(dtype))
+            torch.testing.assert_close(rowwise.state[table]["sum"].cpu(), sums, **tolerances(dtype))
