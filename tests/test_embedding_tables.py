@@ -371,3 +371,21 @@ def test_tables_on_cuda_match_torch_and_the_reference(dtype, rows):
             assert rowwise.backends_used() == {backend}
             torch.testing.assert_close(table.detach().cpu(), expected, **tolerances(dtype))
             torch.testing.assert_close(rowwise.state[table]["sum"].cpu(), sums, **tolerances(dtype))
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="this torch assigns no gradient of another dtype")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("family", ["adagrad", "rowwise"])
+@pytest.mark.parametrize("backend", ["auto", *SPARSE_BACKENDS])
+def test_a_sparse_gradient_of_another_dtype_raises_before_any_write(backend, family):
+    dense = torch.randn(4, 3).requires_grad_()
+    table = torch.randn(10, 3).requires_grad_()
+    table.grad_dtype = None  # what lets a gradient of another dtype through
+    cls = optim.Adagrad if family == "adagrad" else optim.RowWiseAdagrad
+    opt = cls([{"params": [dense]}, {"params": [table], "lr": 0.5}], backend=backend)
+    dense.grad = torch.randn(4, 3)
+    table.grad = sparse_rows_grad(10, 3, [1, 2, 2], dtype=torch.float64)
+    before = [dense.detach().clone(), table.detach().clone()]
+    with pytest.raises(RuntimeError, match="gradient of another dtype"):
+        opt.step()
+    assert torch.equal(dense.detach(), before[0]) and torch.equal(table.detach(), before[1])
