@@ -251,8 +251,11 @@ def run(
     *,
     steps: int,
     warmup: int,
+    tick: Callable[[], object] | None = None,
 ) -> Report:
-    """Step every contender on the same gradients, timing each step; then check each against the first."""
+    """Step every contender on the same gradients, timing each step; then check each against the first.
+
+    ``tick()`` is called after every training step (a progress display)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0; got steps={steps}, warmup={warmup}")
     if not contenders or contenders[0] != REFERENCE:
@@ -282,6 +285,8 @@ def run(
                 _copy_grads(model, reference_params)
             timer(optimizer.step, record=i >= warmup)
             scheduler.step()
+        if tick is not None:
+            tick()
 
     for name, model, (optimizer, _), timer in zip(contenders, models, built, timers, strict=True):
         contender = CONTENDERS[name]
@@ -379,6 +384,7 @@ def rows(report: Report) -> list[dict[str, Any]]:
         gbps = r.traffic.bytes / (p50 * 1e6)
         out.append(
             {
+                "suite": "recap",
                 "workload": report.workload.name,
                 "optimizer": "adam+adagrad",
                 "contender": r.contender.name,
@@ -390,6 +396,7 @@ def rows(report: Report) -> list[dict[str, Any]]:
                 "p20": p20,
                 "p80": p80,
                 "unit": "ms",
+                "bytes": r.traffic.bytes,
                 "bytes_per_param": r.traffic.bytes / r.traffic.params,
                 "params_per_s": r.traffic.params / (p50 * 1e-3),
                 "gbps": gbps,
