@@ -176,13 +176,14 @@ def test_results_do_not_depend_on_the_number_of_threads():
     for n in (1, max(2, threads)):
         torch.set_num_threads(n)
         try:
-            for rowwise, call in ((False, _sparse_call), (True, _rowwise_call)):
-                state = _state(torch.float32, rowwise=rowwise, tables=[(3000, 33)], seed=11)
-                call(state, groups=[1], hyper={k: v[:1] for k, v in (ROWWISE_HYPER if rowwise else SPARSE_HYPER).items()})
+            for rowwise, sparse in ((False, True), (True, True), (True, False)):
+                state = _state(torch.float32, rowwise=rowwise, sparse=sparse, tables=[(3000, 33)], seed=11)
+                hyper = {k: v[:1] for k, v in (ROWWISE_HYPER if rowwise else SPARSE_HYPER).items()}
+                (_rowwise_call if rowwise else _sparse_call)(state, groups=[1], hyper=hyper)
                 results.append(state)
         finally:
             torch.set_num_threads(threads)
-    for a, b in zip(results[:2], results[2:]):
+    for a, b in zip(results[:3], results[3:]):
         _assert_unchanged(a, _snapshot(b))
 
 

@@ -246,8 +246,8 @@ void sort_rows(const Table& t, SortedRows& out) {
 // ------------------------------------------------------------------------------------------------
 
 // How many distinct rows ahead a thread prefetches a row's weights, accumulator and entries' values,
-// and at most how many bytes of each: the rows are scattered over a table much
-// larger than the caches, so each row waits on memory unless its lines are on their way.
+// and at most how many bytes of each: the rows are scattered over a table much larger than the
+// caches, so each row waits on memory unless its lines are already on their way.
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kPrefetchBytes = 512;
 
