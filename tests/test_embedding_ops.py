@@ -205,6 +205,16 @@ def test_rowwise_adagrad_is_the_reference(dtype, maximize, sparse):
         _assert_untouched(ours, before)
 
 
+def test_rowwise_adagrad_takes_sparse_and_dense_gradients_in_one_call():
+    state = _state(torch.float32, rowwise=True, sparse=True)
+    dense = _state(torch.float32, rowwise=True, sparse=False)[1]
+    state[1][2:] = dense[2:]
+    expected = _rowwise_reference(state)
+    _rowwise_call(state)
+    _assert_close(state[0], expected[0], torch.float32, "params")
+    _assert_close(state[2], expected[1], torch.float32, "sums")
+
+
 # -- Tensor lr, AMP, empty gradients ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("rowwise", [False, True], ids=["sparse_adagrad", "rowwise"])
