@@ -10,6 +10,8 @@ before any write. The optimizer-level tests are in test_embedding_tables.py.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -149,6 +151,22 @@ def test_sparse_adagrad_float32_is_torchs_float32_step():
     _sparse_call(state)
     _assert_close(state[0], expected[0], torch.float32, "params")
     _assert_close(state[2], expected[1], torch.float32, "sums")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="measured where torch's axpy is MKL's (fused)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_sparse_adagrad_rows_with_one_entry_are_torchs_to_the_bit(dtype):
+    """Note [Sparse Adagrad order]: torch's order, its last add an FMA; rows named once each (torch sums
+    a row's several entries in its own order)."""
+    gen = torch.Generator().manual_seed(5)
+    rows, dim = 3000, 67
+    state = [[torch.randn(rows, dim, generator=gen).to(dtype)],
+             [sparse_rows_grad(rows, dim, torch.randperm(rows, generator=gen)[:2000].tolist(), dtype=dtype)],
+             [(torch.rand(rows, dim, generator=gen) + 0.1).to(dtype)], [torch.tensor(3.0)]]
+    hyper = {"lr": [0.05], "lr_decay": [0.01], "eps": [1e-8]}
+    expected = _torch_sparse_adagrad(state, math=dtype, hyper=hyper)
+    _sparse_call(state, hyper=hyper, groups=[1], maximize=False)
+    assert torch.equal(state[0][0], expected[0][0]) and torch.equal(state[2][0], expected[1][0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
