@@ -69,7 +69,7 @@ def _clone(state):
     return [[t.clone() for t in ts] for ts in state]
 
 
-def _hyper(h, weight_decay=True):
+def _hyper(h):
     return adagrad_hyper(h["lr"], h["lr_decay"], h["eps"], h.get("weight_decay", [0.0] * len(h["lr"])))
 
 
@@ -247,12 +247,10 @@ def test_a_tensor_lr_is_read_at_each_call(rowwise, lr_dtype):
     _assert_unchanged(with_tensor, _snapshot(with_float))
 
 
-@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-@pytest.mark.parametrize("rowwise", [False, True], ids=["sparse_adagrad", "rowwise"])
+@pytest.mark.parametrize("rowwise,sparse", [(False, True), (True, True), (True, False)],
+                         ids=["sparse_adagrad", "rowwise-sparse", "rowwise-dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_amp_unscales_the_gradients_in_place_and_found_inf_skips_everything(dtype, rowwise, sparse):
-    if not rowwise and not sparse:
-        pytest.skip("sparse Adagrad takes sparse gradients only")
     call = _rowwise_call if rowwise else _sparse_call
     unscaled = _state(dtype, rowwise=rowwise, sparse=sparse)
     scale = torch.tensor(512.0)
