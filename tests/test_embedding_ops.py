@@ -10,6 +10,8 @@ before any write. The optimizer-level tests are in test_embedding_tables.py.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def _clone(state):
     return [[t.clone() for t in ts] for ts in state]
 
 
-def _hyper(h, weight_decay=True):
+def _hyper(h):
     return adagrad_hyper(h["lr"], h["lr_decay"], h["eps"], h.get("weight_decay", [0.0] * len(h["lr"])))
 
 
@@ -151,6 +153,22 @@ def test_sparse_adagrad_float32_is_torchs_float32_step():
     _assert_close(state[2], expected[1], torch.float32, "sums")
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="measured where torch's axpy is MKL's (fused)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_sparse_adagrad_rows_with_one_entry_are_torchs_to_the_bit(dtype):
+    """Note [Sparse Adagrad order]: torch's order, its last add an FMA; rows named once each (torch sums
+    a row's several entries in its own order)."""
+    gen = torch.Generator().manual_seed(5)
+    rows, dim = 3000, 67
+    state = [[torch.randn(rows, dim, generator=gen).to(dtype)],
+             [sparse_rows_grad(rows, dim, torch.randperm(rows, generator=gen)[:2000].tolist(), dtype=dtype)],
+             [(torch.rand(rows, dim, generator=gen) + 0.1).to(dtype)], [torch.tensor(3.0)]]
+    hyper = {"lr": [0.05], "lr_decay": [0.01], "eps": [1e-8]}
+    expected = _torch_sparse_adagrad(state, math=dtype, hyper=hyper)
+    _sparse_call(state, hyper=hyper, groups=[1], maximize=False)
+    assert torch.equal(state[0][0], expected[0][0]) and torch.equal(state[2][0], expected[1][0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_sparse_adagrad_large_table_many_duplicates(dtype):
     """A table whose row count needs two radix passes of different widths, more entries than rows, the
@@ -176,13 +194,14 @@ def test_results_do_not_depend_on_the_number_of_threads():
     for n in (1, max(2, threads)):
         torch.set_num_threads(n)
         try:
-            for rowwise, call in ((False, _sparse_call), (True, _rowwise_call)):
-                state = _state(torch.float32, rowwise=rowwise, tables=[(3000, 33)], seed=11)
-                call(state, groups=[1], hyper={k: v[:1] for k, v in (ROWWISE_HYPER if rowwise else SPARSE_HYPER).items()})
+            for rowwise, sparse in ((False, True), (True, True), (True, False)):
+                state = _state(torch.float32, rowwise=rowwise, sparse=sparse, tables=[(3000, 33)], seed=11)
+                hyper = {k: v[:1] for k, v in (ROWWISE_HYPER if rowwise else SPARSE_HYPER).items()}
+                (_rowwise_call if rowwise else _sparse_call)(state, groups=[1], hyper=hyper)
                 results.append(state)
         finally:
             torch.set_num_threads(threads)
-    for a, b in zip(results[:2], results[2:]):
+    for a, b in zip(results[:3], results[3:]):
         _assert_unchanged(a, _snapshot(b))
 
 
@@ -204,6 +223,16 @@ def test_rowwise_adagrad_is_the_reference(dtype, maximize, sparse):
         _assert_untouched(ours, before)
 
 
+def test_rowwise_adagrad_takes_sparse_and_dense_gradients_in_one_call():
+    state = _state(torch.float32, rowwise=True, sparse=True)
+    dense = _state(torch.float32, rowwise=True, sparse=False)[1]
+    state[1][2:] = dense[2:]
+    expected = _rowwise_reference(state)
+    _rowwise_call(state)
+    _assert_close(state[0], expected[0], torch.float32, "params")
+    _assert_close(state[2], expected[1], torch.float32, "sums")
+
+
 # -- Tensor lr, AMP, empty gradients ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("rowwise", [False, True], ids=["sparse_adagrad", "rowwise"])
@@ -218,12 +247,10 @@ def test_a_tensor_lr_is_read_at_each_call(rowwise, lr_dtype):
     _assert_unchanged(with_tensor, _snapshot(with_float))
 
 
-@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-@pytest.mark.parametrize("rowwise", [False, True], ids=["sparse_adagrad", "rowwise"])
+@pytest.mark.parametrize("rowwise,sparse", [(False, True), (True, True), (True, False)],
+                         ids=["sparse_adagrad", "rowwise-sparse", "rowwise-dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_amp_unscales_the_gradients_in_place_and_found_inf_skips_everything(dtype, rowwise, sparse):
-    if not rowwise and not sparse:
-        pytest.skip("sparse Adagrad takes sparse gradients only")
     call = _rowwise_call if rowwise else _sparse_call
     unscaled = _state(dtype, rowwise=rowwise, sparse=sparse)
     scale = torch.tensor(512.0)

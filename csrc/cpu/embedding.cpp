@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -28,20 +29,20 @@ using math_t = typename Storage<S>::math_t;
 
 // One table of a call, checked: what its kernel reads.
 struct Table {
-  void* param;      // (rows, dim), contiguous
-  void* state_sum;  // sparse Adagrad: (rows, dim); row-wise: (rows, 1)
-  float* step;
-  int64_t rows;
-  int64_t dim;
-  int32_t group;
-  c10::ScalarType dtype;
-  bool sparse;
-  void* grad;                // a dense gradient (rows, dim), or a sparse one's values (nnz, dim), contiguous
-  const int64_t* indices;    // a sparse gradient's row indices, ``index_stride`` apart
-  int64_t index_stride;
-  int64_t nnz;
-  at::Tensor values;         // a sparse gradient's values as the op was given them
-  at::Tensor values_copy;    // their contiguous copy, when they were not contiguous (written back if unscaled)
+  void* param = nullptr;      // (rows, dim), contiguous
+  void* state_sum = nullptr;  // sparse Adagrad: (rows, dim); row-wise: (rows, 1)
+  float* step = nullptr;
+  int64_t rows = 0;
+  int64_t dim = 0;
+  int32_t group = 0;
+  c10::ScalarType dtype = at::kFloat;
+  bool sparse = false;
+  void* grad = nullptr;              // a dense gradient (rows, dim), or a sparse one's values (nnz, dim), contiguous
+  const int64_t* indices = nullptr;  // a sparse gradient's row indices, ``index_stride`` apart
+  int64_t index_stride = 1;
+  int64_t nnz = 0;
+  at::Tensor values;       // a sparse gradient's values as the op was given them
+  at::Tensor values_copy;  // their contiguous copy, when they were not contiguous (written back if unscaled)
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -244,20 +245,18 @@ void sort_rows(const Table& t, SortedRows& out) {
 // Row kernels
 // ------------------------------------------------------------------------------------------------
 
-// How many distinct rows ahead a thread prefetches a row's weights and accumulator and its first
-// entry's values, and at most how many bytes of each: the rows are scattered over a table much
-// larger than the caches, so each row waits on memory unless its lines are on their way.
+// How many distinct rows ahead a thread prefetches a row's weights, accumulator and entries' values,
+// and at most how many bytes of each: the rows are scattered over a table much larger than the
+// caches, so each row waits on memory unless its lines are already on their way. Into L2 (prefetcht1):
+// a row's dozen lines, eight rows ahead, are more misses than L1 tracks at once, and prefetches into L1
+// stalled on it (on the 2-core EPYC of bench: about 15% slower than into L2).
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kPrefetchBytes = 512;
 
-[[gnu::always_inline]] inline void prefetch_bytes(const void* p, int64_t bytes, bool write) {
+[[gnu::always_inline]] inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < std::min(bytes, kPrefetchBytes); off += 64) {
-    if (write) {
-      __builtin_prefetch(c + off, 1);
-    } else {
-      __builtin_prefetch(c + off, 0);
-    }
+    __builtin_prefetch(c + off, 0, 2);
   }
 }
 
@@ -346,12 +345,14 @@ RK_CPU_TARGET_CLONES void sparse_rows(raw_t<S>* __restrict__ param, raw_t<S>* __
   const int64_t sum_dim = ROWWISE ? 1 : dim;
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(raw_t<S>));
   for (int64_t u = begin; u < end; ++u) {
-    if (u + kPrefetchRows < num_rows) {
-      const uint64_t ahead = keys[starts[u + kPrefetchRows]];
-      const int64_t row = static_cast<int64_t>(ahead >> 32);
-      prefetch_bytes(param + row * dim, row_bytes, true);
-      prefetch_bytes(state_sum + row * sum_dim, sum_dim * static_cast<int64_t>(sizeof(raw_t<S>)), true);
-      prefetch_bytes(values + static_cast<int64_t>(ahead & 0xffffffffu) * dim, row_bytes, UNSCALE);
+    if (u + kPrefetchRows < num_rows) {  // the weights, accumulator and every entry of a row ahead
+      const int64_t ahead = u + kPrefetchRows;
+      const int64_t row = static_cast<int64_t>(keys[starts[ahead]] >> 32);
+      prefetch_bytes(param + row * dim, row_bytes);
+      prefetch_bytes(state_sum + row * sum_dim, sum_dim * static_cast<int64_t>(sizeof(raw_t<S>)));
+      for (int64_t k = starts[ahead]; k < starts[ahead + 1]; ++k) {
+        prefetch_bytes(values + static_cast<int64_t>(keys[k] & 0xffffffffu) * dim, row_bytes);
+      }
     }
     const int64_t first = starts[u];
     const int64_t last = starts[u + 1];
@@ -359,9 +360,6 @@ RK_CPU_TARGET_CLONES void sparse_rows(raw_t<S>* __restrict__ param, raw_t<S>* __
     load_grad<S, UNSCALE, false>(values + static_cast<int64_t>(keys[first] & 0xffffffffu) * dim, acc, dim,
                                  grad_scale);
     for (int64_t k = first + 1; k < last; ++k) {
-      if (k + 1 < last) {
-        prefetch_bytes(values + static_cast<int64_t>(keys[k + 1] & 0xffffffffu) * dim, row_bytes, UNSCALE);
-      }
       load_grad<S, UNSCALE, true>(values + static_cast<int64_t>(keys[k] & 0xffffffffu) * dim, acc, dim,
                                   grad_scale);
     }
@@ -385,42 +383,52 @@ RK_CPU_TARGET_CLONES void dense_rows(raw_t<S>* __restrict__ param, raw_t<S>* __r
   }
 }
 
-// Threads for ``work`` elements' worth of updates (Note [CPU work split]'s grain).
-int64_t chunks_for(int64_t work) {
-  return std::clamp<int64_t>((work + kParallelGrain - 1) / kParallelGrain, 1, at::get_num_threads());
-}
+// Note [Table work split]
+// A table's rows (its distinct rows, for a sparse gradient) are cut into blocks of about kBlockWork
+// elements, which the threads claim one after the other from a shared counter. The rows are scattered
+// over a table far larger than the caches, so what a row costs depends on where it lies (a page already
+// mapped, a line another row brought in) and the threads of a busy machine are preempted: with a static
+// split, every thread waits for the slowest one at the end of the step; with blocks claimed as they go,
+// a late thread holds the others up by one block at most. Nothing a row computes depends on which
+// thread takes it, so the results are the same whatever the split (tests/test_embedding_ops.py). Below
+// kParallelGrain elements the calling thread does it all, without a parallel region.
+constexpr int64_t kBlockWork = 1 << 15;
 
-// Runs ``body(c)`` for every chunk c < chunks: on the calling thread alone for one chunk.
-template <typename Body>
-void for_chunks(int64_t chunks, const Body& body) {
-  if (chunks == 1) {
-    body(0);
+// Calls ``worker(begin, end)`` on blocks covering [0, n), ``block`` items each, from as many threads as
+// ``work`` (elements in all) calls for; each thread makes its worker (its scratch) once.
+template <typename MakeWorker>
+void for_blocks(int64_t n, int64_t block, int64_t work, const MakeWorker& make_worker) {
+  const int64_t blocks = (n + block - 1) / block;
+  const int64_t threads = work < kParallelGrain ? 1 : std::min<int64_t>(blocks, at::get_num_threads());
+  if (threads <= 1) {
+    auto worker = make_worker();
+    worker(int64_t(0), n);
     return;
   }
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      body(c);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto worker = make_worker();
+    for (int64_t b = next.fetch_add(1, std::memory_order_relaxed); b < blocks;
+         b = next.fetch_add(1, std::memory_order_relaxed)) {
+      worker(b * block, std::min(n, (b + 1) * block));
     }
   });
 }
 
-// One table's step: its rows in parallel, each thread a span of about equal work (a distinct row
-// costs its entries plus one for its weights and accumulator).
+// One table's step (Note [Table work split]).
 template <typename S, bool ROWWISE, bool WEIGHT_DECAY, bool UNSCALE>
 void table_step(const Table& t, SortedRows& sorted, const AdagradScalars<math_t<S>>& s, math_t<S> grad_scale) {
   using M = math_t<S>;
   auto* param = static_cast<raw_t<S>*>(t.param);
   auto* state_sum = static_cast<raw_t<S>*>(t.state_sum);
   auto* grad = static_cast<raw_t<S>*>(t.grad);
-  if (t.rows == 0) {
-    return;
-  }
+  const int64_t dim = std::max<int64_t>(t.dim, 1);
+  const int64_t block = std::max<int64_t>(16, kBlockWork / dim);
   if (!t.sparse) {
-    const int64_t chunks = chunks_for(t.rows * t.dim);
-    for_chunks(chunks, [&](int64_t c) {
-      std::vector<M> acc(t.dim);
-      dense_rows<S, WEIGHT_DECAY, UNSCALE>(param, state_sum, grad, t.dim, t.rows * c / chunks,
-                                           t.rows * (c + 1) / chunks, s, grad_scale, acc.data());
+    for_blocks(t.rows, block, t.rows * dim, [&]() {
+      return [&, acc = std::vector<M>(dim)](int64_t begin, int64_t end) mutable {
+        dense_rows<S, WEIGHT_DECAY, UNSCALE>(param, state_sum, grad, t.dim, begin, end, s, grad_scale, acc.data());
+      };
     });
     return;
   }
@@ -429,35 +437,13 @@ void table_step(const Table& t, SortedRows& sorted, const AdagradScalars<math_t<
   }
   sort_rows(t, sorted);
   const int64_t num_rows = sorted.num_rows();
+  const uint64_t* keys = sorted.keys.data();
   const int64_t* starts = sorted.starts.data();
-  const int64_t total = t.nnz + num_rows;  // distinct row u's work starts at starts[u] + u
-  const int64_t chunks = chunks_for(total * std::max<int64_t>(t.dim, 1));
-  auto row_at = [&](int64_t c) {  // the first distinct row of chunk c
-    if (c == chunks) {
-      return num_rows;
-    }
-    const int64_t w = total * c / chunks;
-    int64_t lo = 0;
-    int64_t hi = num_rows;
-    while (lo < hi) {  // the first u whose work starts at or after w
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (starts[mid] + mid < w) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo;
-  };
-  for_chunks(chunks, [&](int64_t c) {
-    const int64_t begin = row_at(c);
-    const int64_t end = row_at(c + 1);
-    if (begin >= end) {
-      return;
-    }
-    std::vector<M> acc(std::max<int64_t>(t.dim, 1));
-    sparse_rows<S, ROWWISE, WEIGHT_DECAY, UNSCALE>(param, state_sum, grad, sorted.keys.data(), starts, t.dim, begin,
-                                                   end, num_rows, s, grad_scale, acc.data());
+  for_blocks(num_rows, block, (t.nnz + num_rows) * dim, [&]() {
+    return [&, acc = std::vector<M>(dim)](int64_t begin, int64_t end) mutable {
+      sparse_rows<S, ROWWISE, WEIGHT_DECAY, UNSCALE>(param, state_sum, grad, keys, starts, t.dim, begin, end, num_rows,
+                                                     s, grad_scale, acc.data());
+    };
   });
 }
 
