@@ -125,9 +125,6 @@ std::vector<Table> table_call(const char* op, bool rowwise, c10::DeviceType devi
     t.dim = p.size(1);
     t.group = groups[i];
     t.dtype = p.scalar_type();
-    t.nnz = 0;
-    t.indices = nullptr;
-    t.index_stride = 0;
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.defined(), op, ": grads[", i, "] is undefined");
     t.sparse = g.layout() == c10::kSparse;

@@ -16,19 +16,19 @@ namespace recap_kernels {
 
 // One table of a call, checked: what its kernel reads.
 struct Table {
-  void* param;      // (rows, dim), contiguous
-  void* state_sum;  // sparse Adagrad: (rows, dim); row-wise: (rows, 1)
-  float* step;
-  int64_t rows;
-  int64_t dim;
-  int32_t group;
-  c10::ScalarType dtype;
-  bool sparse;
-  void* grad;              // a dense gradient (rows, dim), or a sparse one's values (nnz, dim), contiguous
-  at::Tensor row_indices;  // a sparse gradient's row indices (nnz), int64, maybe strided
-  const int64_t* indices;  // their data, ``index_stride`` apart
-  int64_t index_stride;
-  int64_t nnz;
+  void* param = nullptr;      // (rows, dim), contiguous
+  void* state_sum = nullptr;  // sparse Adagrad: (rows, dim); row-wise: (rows, 1)
+  float* step = nullptr;
+  int64_t rows = 0;
+  int64_t dim = 0;
+  int32_t group = 0;
+  c10::ScalarType dtype = c10::kFloat;
+  bool sparse = false;
+  void* grad = nullptr;              // a dense gradient (rows, dim), or a sparse one's values (nnz, dim), contiguous
+  at::Tensor row_indices;            // a sparse gradient's row indices (nnz), int64, maybe strided
+  const int64_t* indices = nullptr;  // their data, ``index_stride`` apart
+  int64_t index_stride = 1;
+  int64_t nnz = 0;
   at::Tensor values;       // a sparse gradient's values as the op was given them
   at::Tensor values_copy;  // their contiguous copy, when they were not contiguous (written back if unscaled)
 };
