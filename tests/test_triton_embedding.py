@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from recap_kernels import available_backends
-from tests.reference import rowwise_adagrad_reference, sparse_rows_grad, tolerances
+from tests.reference import rowwise_adagrad_reference, sparse_rows_grad, summed_rows, tolerances
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not available_backends(DEVICE)["triton"][0],
@@ -44,8 +44,12 @@ def _indices(rows, gen):
 
 
 def _sparse(rows, dim, gen, dtype):
-    return sparse_rows_grad(rows, dim, _indices(rows, gen), dtype=dtype, seed=int(torch.randint(1000, (1,), generator=gen)),
-                            device=DEVICE)
+    seed = int(torch.randint(1000, (1,), generator=gen))
+    return sparse_rows_grad(rows, dim, _indices(rows, gen), dtype=dtype, seed=seed, device=DEVICE)
+
+
+def _dense(rows, dim, gen, dtype):
+    return torch.randn(rows, dim, generator=gen).to(dtype).to(DEVICE)
 
 
 def _state(dtype, gen, tables=TABLES, *, rowwise, init=0.25):
@@ -66,28 +70,50 @@ def _clone(ts):
 # ------------------------------------------------------------------------------------------------
 # Exact sparse Adagrad against torch.optim.Adagrad
 # ------------------------------------------------------------------------------------------------
+def _sparse_adagrad_reference(param, state_sum, step, grad, *, lr, lr_decay, eps, maximize, **_):
+    """torch.optim.Adagrad's sparse step in float64, rounded once per store: what the kernel computes for
+    bf16/fp16 tables (torch's own sparse branch computes in the storage dtype, rounding at every op)."""
+    step += 1
+    clr = lr / (1 + (float(step) - 1) * lr_decay)
+    for r, g in summed_rows(grad).items():
+        g = -g if maximize else g
+        s = state_sum[r].double() + g * g
+        state_sum[r] = s.to(state_sum.dtype)
+        param[r] = (param[r].double() - clr * g / (s.sqrt() + eps)).to(param.dtype)
+
+
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=str)
 def test_sparse_adagrad_is_torchs(dtype, maximize):
+    """float32/float64: torch.optim.Adagrad itself. bf16/fp16: its math in float64, rounded once per store."""
     gen = torch.Generator().manual_seed(0)
     params, sums, steps = _state(dtype, gen, rowwise=False, init=0.1)
     ref_params = [p.clone().requires_grad_() for p in params]
     ref = torch.optim.Adagrad([{"params": ref_params[:1], **SPARSE_HYPER[0]}, {"params": ref_params[1:],
                                **SPARSE_HYPER[1]}], initial_accumulator_value=0.1, maximize=maximize)
+    low = dtype in (torch.bfloat16, torch.float16)
+    ref_sums, ref_steps = _clone(sums), _clone(steps)
     for _ in range(3):
         grads = [_sparse(rows, dim, gen, dtype) for rows, dim in TABLES]
-        for r, g in zip(ref_params, grads):
-            r.grad = g.clone()
-        ref.step()
+        if low:
+            for i, g in enumerate(grads):
+                _sparse_adagrad_reference(ref_params[i].data, ref_sums[i], ref_steps[i], g, maximize=maximize,
+                                          **SPARSE_HYPER[min(i, 1)])
+        else:
+            for r, g in zip(ref_params, grads):
+                r.grad = g.clone()
+            ref.step()
         _embedding().sparse_adagrad_step(params, grads, sums, steps, [1, 2], _flat(SPARSE_HYPER), [None, None],
                                          maximize=maximize)
+    if not low:
+        ref_sums = [ref.state[r]["sum"] for r in ref_params]
     tol = tolerances(dtype)
-    for p, s, step, r in zip(params, sums, steps, ref_params):
+    for p, s, step, r, rs in zip(params, sums, steps, ref_params, ref_sums):
         torch.testing.assert_close(p, r.detach(), **tol)
-        torch.testing.assert_close(s, ref.state[r]["sum"], **tol)
+        torch.testing.assert_close(s, rs, **tol)
         assert float(step) == 3.0
         assert torch.equal(p[_untouched(p.shape[0])], r.detach()[_untouched(p.shape[0])])
-        assert torch.equal(s[_untouched(p.shape[0])], ref.state[r]["sum"][_untouched(p.shape[0])])
+        assert torch.equal(s[_untouched(p.shape[0])], rs[_untouched(p.shape[0])])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,8 +124,7 @@ def _rowwise_run(dtype, *, sparse, maximize=False, tables=TABLES, steps=3, seed=
     params, sums, counters = _state(dtype, gen, tables, rowwise=True)
     ref, ref_sums, ref_steps = _clone(params), _clone(sums), _clone(counters)
     for _ in range(steps):
-        grads = [_sparse(rows, dim, gen, dtype) if sparse else torch.randn(rows, dim, generator=gen).to(dtype).to(DEVICE)
-                 for rows, dim in tables]
+        grads = [(_sparse if sparse else _dense)(rows, dim, gen, dtype) for rows, dim in tables]
         _embedding().rowwise_adagrad_step(params, _clone(grads), sums, counters, [1, len(tables) - 1], _flat(HYPER),
                                           [None, None], maximize=maximize)
         for i, g in enumerate(grads):
@@ -133,20 +158,23 @@ def test_rowwise_adagrad_maximize(sparse):
 
 @pytest.mark.parametrize("kind", ["sparse-exact", "rowwise-sparse", "rowwise-dense"])
 def test_rows_wider_than_one_block_take_two_passes(monkeypatch, kind):
-    """Rows of 33 columns in blocks of 8 (the loops over a row's blocks) give what one block gives."""
+    """Rows of 33 columns in blocks of 8 (the loops over a row's blocks) give what one block gives; dense
+    tables in blocks of 2 rows (the last one partial) or of one."""
     embedding = _embedding()
     tables = [(5, 33), (3, 8)]
     results = []
     for block in (64, 8):
         monkeypatch.setattr(embedding, "MAX_BLOCK_D", block)
         monkeypatch.setattr(embedding, "_INTERPRETER_MAX_BLOCK_D", block)
+        for name in ("_ELEMENTS_PER_PROGRAM", "_INTERPRETER_ELEMENTS_PER_PROGRAM"):
+            monkeypatch.setattr(embedding, name, 16)
         gen = torch.Generator().manual_seed(3)
         rowwise = kind != "sparse-exact"
         params, sums, steps = _state(torch.float32, gen, tables, rowwise=rowwise)
         hyper = HYPER if rowwise else SPARSE_HYPER
         for _ in range(2):
-            grads = [_sparse(r, d, gen, torch.float32) if kind != "rowwise-dense" else
-                     torch.randn(r, d, generator=gen).to(DEVICE) for r, d in tables]
+            make = _dense if kind == "rowwise-dense" else _sparse
+            grads = [make(r, d, gen, torch.float32) for r, d in tables]
             op = embedding.rowwise_adagrad_step if rowwise else embedding.sparse_adagrad_step
             op(params, grads, sums, steps, [1, 1], _flat(hyper), [None, None], maximize=False)
         results.append(params + sums)
@@ -180,8 +208,7 @@ def _one_call(op, *, rowwise, sparse=True, lr_tensors=(None, None), lr=0.25, gra
               scale=1.0, dtype=torch.float32, seed=6):
     gen = torch.Generator().manual_seed(seed)
     params, sums, steps = _state(dtype, gen, rowwise=rowwise)
-    grads = [_sparse(r, d, gen, dtype) if sparse else torch.randn(r, d, generator=gen).to(dtype).to(DEVICE)
-             for r, d in TABLES]
+    grads = [(_sparse if sparse else _dense)(r, d, gen, dtype) for r, d in TABLES]
     grads = [_scaled(g, scale) for g in grads]
     hyper = [dict(h, lr=lr) for h in (HYPER if rowwise else SPARSE_HYPER)]
     op(params, grads, sums, steps, [1, 2], _flat(hyper), list(lr_tensors), maximize=False, grad_scale=grad_scale,
@@ -250,8 +277,7 @@ def test_found_inf_changes_nothing(name, rowwise, sparse):
         assert torch.equal(a, b)
     gen = torch.Generator().manual_seed(6)
     _state(torch.float32, gen, rowwise=rowwise)
-    scaled = [_scaled(_sparse(r, d, gen, torch.float32) if sparse else torch.randn(r, d, generator=gen).to(DEVICE),
-                      1024.0) for r, d in TABLES]
+    scaled = [_scaled((_sparse if sparse else _dense)(r, d, gen, torch.float32), 1024.0) for r, d in TABLES]
     for a, b in zip(_values(got[3]), _values(scaled)):
         assert torch.equal(a, b)  # still scaled: GradScaler skips the step
 

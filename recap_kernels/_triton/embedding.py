@@ -81,7 +81,7 @@ def _value_row(values_ptr, perm_ptr, j, cols, mask, value_row_stride, value_col_
                STORE_UNSCALED: tl.constexpr):
     """Columns ``cols`` of the value row of sorted position ``j``, unscaled (and stored back unscaled when
     ``STORE_UNSCALED``: torch's fused path stores unscaled gradients)."""
-    entry = j.to(tl.int64)
+    entry = tl.cast(j, tl.int64)
     if PERMUTED:
         entry = tl.load(perm_ptr + j)
     v_ptr = values_ptr + entry * value_row_stride + cols * value_col_stride
