@@ -679,3 +679,26 @@ def rowwise_adagrad_reference(param: torch.Tensor, state_sum: torch.Tensor, step
         s = state_sum[r].double() + (g * g).mean()
         state_sum[r] = s.to(state_sum.dtype)
         param[r] = (w - clr * g / (s.sqrt() + eps)).to(param.dtype)
+
+
+def sparse_adagrad_reference(param: torch.Tensor, state_sum: torch.Tensor, step: torch.Tensor, grad: torch.Tensor,
+                             *, lr: float, lr_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False) -> None:
+    """One exact Adagrad step with a sparse gradient in place: torch.optim.Adagrad's sparse branch
+    (``_single_tensor_adagrad``) in float64, results rounded once to the tensors' dtypes::
+
+        step += 1;  clr = lr / (1 + (step - 1) * lr_decay)
+        sum += g * g                               (g: the row's entries summed, negated with maximize)
+        w -= clr * g / (sqrt(sum) + eps)
+
+    What the table ops compute for bfloat16/float16 tables (float math, one rounding per store), where
+    torch's own step rounds every intermediate to the table's dtype and sums a row's duplicate entries
+    in it, in its sort's order: several ulps away from this now and then. Rows without a gradient are
+    left as they are, bit for bit.
+    """
+    step += 1
+    clr = lr / (1 + (float(step) - 1) * lr_decay)
+    for r, g in summed_rows(grad).items():
+        g = -g if maximize else g
+        s = state_sum[r].double() + g * g
+        state_sum[r] = s.to(state_sum.dtype)
+        param[r] = (param[r].double() - clr * g / (s.sqrt() + eps)).to(param.dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from recap_kernels import available_backends
-from tests.reference import rowwise_adagrad_reference, sparse_rows_grad, summed_rows, tolerances
+from tests.reference import rowwise_adagrad_reference, sparse_adagrad_reference, sparse_rows_grad, tolerances
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not available_backends(DEVICE)["triton"][0],
@@ -70,22 +70,11 @@ def _clone(ts):
 # ------------------------------------------------------------------------------------------------
 # Exact sparse Adagrad against torch.optim.Adagrad
 # ------------------------------------------------------------------------------------------------
-def _sparse_adagrad_reference(param, state_sum, step, grad, *, lr, lr_decay, eps, maximize, **_):
-    """torch.optim.Adagrad's sparse step in float64, rounded once per store: what the kernel computes for
-    bf16/fp16 tables (torch's own sparse branch computes in the storage dtype, rounding at every op)."""
-    step += 1
-    clr = lr / (1 + (float(step) - 1) * lr_decay)
-    for r, g in summed_rows(grad).items():
-        g = -g if maximize else g
-        s = state_sum[r].double() + g * g
-        state_sum[r] = s.to(state_sum.dtype)
-        param[r] = (param[r].double() - clr * g / (s.sqrt() + eps)).to(param.dtype)
-
-
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=str)
 def test_sparse_adagrad_is_torchs(dtype, maximize):
-    """float32/float64: torch.optim.Adagrad itself. bf16/fp16: its math in float64, rounded once per store."""
+    """float32/float64: torch.optim.Adagrad itself. bf16/fp16: its math in float64, rounded once per store
+    (``sparse_adagrad_reference``; torch rounds every intermediate to the table's dtype)."""
     gen = torch.Generator().manual_seed(0)
     params, sums, steps = _state(dtype, gen, rowwise=False, init=0.1)
     ref_params = [p.clone().requires_grad_() for p in params]
@@ -97,8 +86,9 @@ def test_sparse_adagrad_is_torchs(dtype, maximize):
         grads = [_sparse(rows, dim, gen, dtype) for rows, dim in TABLES]
         if low:
             for i, g in enumerate(grads):
-                _sparse_adagrad_reference(ref_params[i].data, ref_sums[i], ref_steps[i], g, maximize=maximize,
-                                          **SPARSE_HYPER[min(i, 1)])
+                h = SPARSE_HYPER[min(i, 1)]
+                sparse_adagrad_reference(ref_params[i].data, ref_sums[i], ref_steps[i], g, lr=h["lr"],
+                                         lr_decay=h["lr_decay"], eps=h["eps"], maximize=maximize)
         else:
             for r, g in zip(ref_params, grads):
                 r.grad = g.clone()
