@@ -291,6 +291,41 @@ def test_no_tables_is_a_no_op():
         _op(rowwise)([], [], [], [], [0], _flat(HYPER[:1]), [None], maximize=False)
 
 
+@pytest.mark.parametrize("family", ["adagrad", "rowwise"])
+def test_optimizers_step_tables_with_a_scaler_like_the_torch_backend(family):
+    """Through the optimizers (what GradScaler.step hands a fused optimizer), against the torch backend:
+    the overflow step skipped, steps counted without it, scaled gradients unscaled in place."""
+    from recap_kernels import optim
+
+    cls = optim.Adagrad if family == "adagrad" else optim.RowWiseAdagrad
+    gen = torch.Generator().manual_seed(10)
+    init = [torch.randn(r, d, generator=gen).to(DEVICE) for r, d in TABLES]
+    runs = {}
+    for backend in ("torch", "triton"):
+        params = [t.clone().requires_grad_() for t in init]
+        opt = cls([{"params": params[:1]}, {"params": params[1:], "lr": 0.05, "lr_decay": 0.1}], lr=0.2,
+                  backend=backend)
+        step_gen = torch.Generator().manual_seed(11)
+        grads = []
+        for step in range(3):
+            for p, (r, d) in zip(params, TABLES):
+                p.grad = _scaled(_sparse(r, d, step_gen, torch.float32), 1024.0)
+            opt.grad_scale = torch.tensor(1024.0, device=DEVICE)
+            opt.found_inf = torch.tensor(1.0 if step == 1 else 0.0, device=DEVICE)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            grads.append([p.grad._values().clone() for p in params])
+        assert opt.backends_used() == {backend}
+        runs[backend] = (params, [opt.state[p]["sum"] for p in params], [opt.state[p]["step"] for p in params], grads)
+    (params, sums, steps, grads), (ref_params, ref_sums, ref_steps, ref_grads) = runs["triton"], runs["torch"]
+    for a, b in zip(params + sums, ref_params + ref_sums):
+        torch.testing.assert_close(a.detach(), b.detach())
+    assert [float(s) for s in steps] == [float(s) for s in ref_steps] == [2.0] * len(TABLES)
+    for step_grads, ref_step_grads in zip(grads, ref_grads):
+        for a, b in zip(step_grads, ref_step_grads):
+            assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # Validation: a call that raises writes nothing
 # ------------------------------------------------------------------------------------------------
