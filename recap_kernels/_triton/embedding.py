@@ -12,10 +12,12 @@ A sparse gradient arrives uncoalesced (duplicate rows, in any order). ``coalesce
 a reduction and new tensors, and a dense scratch of the table's size would cost what the table costs;
 instead the row indices are sorted (``torch.sort``, stable, keeping the permutation: O(nnz)) and the
 kernel runs one program per sorted position. A program whose row differs from the previous position's
-is a segment head: it walks to the end of its run of equal rows, sums their value rows (in the original
-order, as coalesce sums them) and updates that row; the other programs return at once. The grid is
-known from nnz, so no host sync is needed, and each value row is read (and, under AMP, written back
-unscaled) by exactly one program. A gradient already coalesced skips the sort.
+is a segment head: it walks to the end of its run of equal rows, sums their value rows (in their order
+in the gradient: the sort is stable) and updates that row; the other programs return at once. The grid
+is known from nnz, so no host sync is needed, and each value row is read (and, under AMP, written back
+unscaled) by exactly one program. A gradient already coalesced skips the sort. The cost: a hot row's
+entries are summed by one program, one after another; a row named 10^5 times in one gradient would want
+its run split across programs (not done: unmeasured).
 
 Note [Table launches]
 One launch per table (sparse: one program per gradient entry; dense row-wise: one per block of rows),
@@ -24,7 +26,7 @@ them (as ``multi_tensor`` builds for many small tensors) would save little, and 
 block shape that fits its row width. Programs loop over a row in blocks of ``BLOCK_D`` columns; row-wise
 rows wider than one block take two passes (the mean of squares, then the update), summing a sparse
 row's duplicates in each. The hyperparameter rows go up in one copy per call; a Tensor lr, ``step``,
-``grad_scale`` and ``found_inf`` are read on the device (no host sync: what a CUDA graph needs).
+``grad_scale`` and ``found_inf`` are read on the device.
 
 torch has no fused kernel for either step, so there is one operation order on every device: torch's
 sparse branch (``sum + g * g`` and the update rounded twice; ``clr``, ``eps``, ``weight_decay`` rounded to
@@ -32,7 +34,8 @@ the math dtype once), IEEE division and square root, launched with ``enable_fp_f
 [Operation orders] in ``_math``).
 
 The only host sync of a call is the check that every sparse row index is in its table (one read for all
-tables), so that a call that raises has written nothing.
+tables), so that a call that raises has written nothing; with dense gradients there is none (a CUDA graph
+can capture the call).
 """
 
 from __future__ import annotations
