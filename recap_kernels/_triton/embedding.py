@@ -25,8 +25,8 @@ then one ``_foreach_add_`` for every step counter: tables are few and large, so 
 them (as ``multi_tensor`` builds for many small tensors) would save little, and each table gets the
 block shape that fits its row width. Programs loop over a row in blocks of ``BLOCK_D`` columns; row-wise
 rows wider than one block take two passes (the mean of squares, then the update), summing a sparse
-row's duplicates in each. The hyperparameter rows go up in one copy per call; a Tensor lr, ``step``,
-``grad_scale`` and ``found_inf`` are read on the device.
+row's duplicates in each. The hyperparameter rows go up in one copy when they change (the last few are
+kept per device); a Tensor lr, ``step``, ``grad_scale`` and ``found_inf`` are read on the device.
 
 torch has no fused kernel for either step, so there is one operation order on every device: torch's
 sparse branch (``sum + g * g`` and the update rounded twice; ``clr``, ``eps``, ``weight_decay`` rounded to
@@ -34,11 +34,12 @@ the math dtype once), IEEE division and square root, launched with ``enable_fp_f
 [Operation orders] in ``_math``).
 
 The only host sync of a call is the check that every sparse row index is in its table (one read for all
-tables), so that a call that raises has written nothing; with dense gradients there is none (a CUDA graph
-can capture the call).
+tables), so that a call that raises has written nothing; with dense gradients there is none.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import triton
@@ -287,7 +288,7 @@ def _step(params, grads, sums, steps, group_sizes, hyper, lr_tensors, maximize, 
         return
     device = params[0].device
     interpreted = device.type != "cuda"
-    hyper_rows = multi_tensor._upload(torch.tensor(hyper, dtype=torch.float64), device)
+    hyper_rows = _hyper_rows(hyper, device)
     for p, g, s, step, group in zip(params, grads, sums, steps, groups):
         if p.numel() == 0 or (g.is_sparse and g._nnz() == 0):
             continue  # nothing to update (a table with empty rows has no mean to take: left as it is)
@@ -321,6 +322,22 @@ def _step(params, grads, sums, steps, group_sizes, hyper, lr_tensors, maximize, 
             )
     # The counters advance after every launch has read them (Note [Table launches]).
     torch._foreach_add_(steps, 1.0 if found_inf is None else 1.0 - found_inf.reshape(()))
+
+
+_HYPER_ROWS: OrderedDict = OrderedDict()  # (device, hyper) -> its rows on the device, least recently used first
+_HYPER_ROWS_KEPT = 16
+
+
+def _hyper_rows(hyper, device: torch.device) -> Tensor:
+    """The float64 hyperparameter rows on ``device``: uploaded (one copy, no wait) when not among the last few."""
+    key = (device, tuple(map(float, hyper)))
+    rows = _HYPER_ROWS.get(key)
+    if rows is None:
+        rows = _HYPER_ROWS[key] = multi_tensor._upload(torch.tensor(key[1], dtype=torch.float64), device)
+        if len(_HYPER_ROWS) > _HYPER_ROWS_KEPT:
+            _HYPER_ROWS.popitem(last=False)
+    _HYPER_ROWS.move_to_end(key)
+    return rows
 
 
 def _num_warps(elements: int) -> int:
