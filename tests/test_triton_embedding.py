@@ -191,6 +191,32 @@ def test_coalesced_and_strided_sparse_gradients(rowwise):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # coalesce sums duplicates in its own order
 
 
+@pytest.mark.parametrize("dup", [1, 8, 16])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["sparse-exact", "rowwise"])
+def test_a_hot_row_sums_its_duplicates_in_blocks(monkeypatch, rowwise, dup):
+    """A row named 37 times (blocks of ``DUP`` duplicates, the last one partial) among rows named once,
+    scaled gradients: the reference's numbers, and every value row stored back unscaled."""
+    embedding = _embedding()
+    monkeypatch.setattr(embedding, "DUP", dup)
+    gen = torch.Generator().manual_seed(12)
+    indices = [3] * 37 + [0, 5, 9, 11]
+    order = torch.randperm(len(indices), generator=gen).tolist()
+    grad = sparse_rows_grad(12, 5, [indices[i] for i in order], device=DEVICE)
+    params, sums, steps = _state(torch.float32, gen, [(12, 5)], rowwise=rowwise)
+    ref, ref_sums, ref_steps = _clone(params), _clone(sums), _clone(steps)
+    hyper = SPARSE_HYPER[1]
+    op = embedding.rowwise_adagrad_step if rowwise else embedding.sparse_adagrad_step
+    scaled = _scaled(grad, 4.0)
+    op(params, [scaled], sums, steps, [1], _flat([hyper]), [None], maximize=False,
+       grad_scale=torch.tensor(4.0, device=DEVICE))
+    assert torch.equal(scaled._values(), grad._values())
+    reference = rowwise_adagrad_reference if rowwise else sparse_adagrad_reference
+    reference(ref[0], ref_sums[0], ref_steps[0], grad, lr=hyper["lr"], lr_decay=hyper["lr_decay"], eps=hyper["eps"])
+    torch.testing.assert_close(params[0], ref[0])
+    torch.testing.assert_close(sums[0], ref_sums[0])
+    assert float(steps[0]) == 1.0
+
+
 # ------------------------------------------------------------------------------------------------
 # lr as a Tensor, AMP, empty gradients
 # ------------------------------------------------------------------------------------------------
@@ -430,7 +456,7 @@ out = {}
 for rowwise in (False, True):
     for one_block in (False, True):
         out[f"sparse-{rowwise}-{one_block}"] = counts(_sparse_kernel, SPARSE, {
-            "ROWWISE": rowwise, "PERMUTED": True, "BLOCK_D": 128, "ONE_BLOCK": one_block})
+            "ROWWISE": rowwise, "PERMUTED": True, "BLOCK_D": 128, "ONE_BLOCK": one_block, "DUP": 8})
 for one_block in (False, True):
     out[f"dense-{one_block}"] = counts(_dense_rowwise_kernel, DENSE, {"BLOCK_R": 4, "BLOCK_D": 64,
                                                                        "ONE_BLOCK": one_block})

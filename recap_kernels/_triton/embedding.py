@@ -12,12 +12,12 @@ A sparse gradient arrives uncoalesced (duplicate rows, in any order). ``coalesce
 a reduction and new tensors, and a dense scratch of the table's size would cost what the table costs;
 instead the row indices are sorted (``torch.sort``, stable, keeping the permutation: O(nnz)) and the
 kernel runs one program per sorted position. A program whose row differs from the previous position's
-is a segment head: it walks to the end of its run of equal rows, sums their value rows (in their order
-in the gradient: the sort is stable) and updates that row; the other programs return at once. The grid
-is known from nnz, so no host sync is needed, and each value row is read (and, under AMP, written back
-unscaled) by exactly one program. A gradient already coalesced skips the sort. The cost: a hot row's
-entries are summed by one program, one after another; a row named 10^5 times in one gradient would want
-its run split across programs (not done: unmeasured).
+is a segment head: it walks to the end of its run of equal rows, sums their value rows (the first, then
+the others ``DUP`` at a time, so that a hot row's loads overlap) and updates that row; the other programs
+return at once. The grid is known from nnz, so no host sync is needed, and each value row is read (and,
+under AMP, written back unscaled) by exactly one program. A gradient already coalesced skips the sort.
+The cost: a hot row's entries are still summed by one program; a row named 10^5 times in one gradient
+would want its run split across programs (not done: unmeasured).
 
 Note [Table launches]
 One launch per table (sparse: one program per gradient entry; dense row-wise: one per block of rows),
@@ -65,6 +65,7 @@ MAX_BLOCK_D = 1024
 _ELEMENTS_PER_PROGRAM = 2048
 _INTERPRETER_MAX_BLOCK_D = 8192
 _INTERPRETER_ELEMENTS_PER_PROGRAM = 8192
+DUP = 8  # duplicate value rows a segment head reads at once
 
 
 @triton.jit
@@ -98,16 +99,40 @@ def _value_row(values_ptr, perm_ptr, j, cols, mask, value_row_stride, value_col_
 
 
 @triton.jit
+def _value_rows(values_ptr, perm_ptr, js, end, cols, mask, value_row_stride, value_col_stride, grad_scale,
+                DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, PERMUTED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                STORE_UNSCALED: tl.constexpr):
+    """:func:`_value_row` for the sorted positions ``js`` before ``end`` at once: ``[len(js), len(cols)]``
+    (zeros past ``end``)."""
+    in_segment = js < end
+    entries = tl.cast(js, tl.int64)
+    if PERMUTED:
+        entries = tl.load(perm_ptr + js, mask=in_segment, other=0)
+    v_ptr = values_ptr + entries[:, None] * value_row_stride + (cols * value_col_stride)[None, :]
+    both = in_segment[:, None] & mask[None, :]
+    v = tl.load(v_ptr, mask=both, other=0).to(MATH_DTYPE)
+    if HAS_GRAD_SCALE:
+        v = _unscale(v, grad_scale, CPU_ORDER)
+        if STORE_UNSCALED:
+            tl.store(v_ptr, _to_storage(v, DTYPE), mask=both)
+    return v
+
+
+@triton.jit
 def _segment_grad(values_ptr, perm_ptr, start, end, cols, mask, value_row_stride, value_col_stride, grad_scale,
                   DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, PERMUTED: tl.constexpr,
-                  HAS_GRAD_SCALE: tl.constexpr, STORE_UNSCALED: tl.constexpr):
-    """Columns ``cols`` of one row's gradient: the value rows of sorted positions ``[start, end)`` summed in
-    order (from the first, not from 0: a lone -0.0 stays -0.0, as coalesce leaves it)."""
+                  HAS_GRAD_SCALE: tl.constexpr, STORE_UNSCALED: tl.constexpr, DUP: tl.constexpr):
+    """Columns ``cols`` of one row's gradient: the value rows of sorted positions ``[start, end)`` summed.
+
+    The first one alone (a row named once, the common case, costs one row; a lone -0.0 stays -0.0, as
+    coalesce leaves it), then the duplicates ``DUP`` rows at a time: a hot row's loads overlap.
+    """
     g = _value_row(values_ptr, perm_ptr, start, cols, mask, value_row_stride, value_col_stride, grad_scale, DTYPE,
                    MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, STORE_UNSCALED)
-    for j in range(start + 1, end):
-        g += _value_row(values_ptr, perm_ptr, j, cols, mask, value_row_stride, value_col_stride, grad_scale, DTYPE,
-                        MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, STORE_UNSCALED)
+    for j in range(start + 1, end, DUP):
+        g += tl.sum(_value_rows(values_ptr, perm_ptr, j + tl.arange(0, DUP), end, cols, mask, value_row_stride,
+                                value_col_stride, grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE,
+                                STORE_UNSCALED), 0)
     return g
 
 
@@ -127,7 +152,7 @@ def _sparse_kernel(
     nnz, dim, value_row_stride, value_col_stride, group,
     DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, ROWWISE: tl.constexpr, MAXIMIZE: tl.constexpr,
     PERMUTED: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr, DUP: tl.constexpr,
 ):
     """One sparse gradient entry per program; segment heads update their row (Note [Sparse rows without
     coalescing]). Exact Adagrad (``sum_ptr`` the table's shape) or row-wise (``sum_ptr`` one per row)."""
@@ -155,7 +180,7 @@ def _sparse_kernel(
             cols = c + offs
             mask = cols < dim
             g = _segment_grad(values_ptr, perm_ptr, start, end, cols, mask, value_row_stride, value_col_stride,
-                              grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, True)
+                              grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, True, DUP)
             if MAXIMIZE:
                 g = -g
             acc = tl.load(s_row + cols, mask=mask).to(MATH_DTYPE) + g * g
@@ -166,7 +191,7 @@ def _sparse_kernel(
     elif ONE_BLOCK:
         mask = offs < dim
         g = _segment_grad(values_ptr, perm_ptr, start, end, offs, mask, value_row_stride, value_col_stride,
-                          grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, True)
+                          grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, True, DUP)
         w = tl.load(p_row + offs, mask=mask, other=0).to(MATH_DTYPE)
         g = _rowwise_grad(g, w, weight_decay, MAXIMIZE)
         acc = tl.load(sum_ptr + row).to(MATH_DTYPE) + _div_rn(tl.sum(g * g, 0), tl.cast(dim, MATH_DTYPE))
@@ -179,7 +204,7 @@ def _sparse_kernel(
             cols = c + offs
             mask = cols < dim
             g = _segment_grad(values_ptr, perm_ptr, start, end, cols, mask, value_row_stride, value_col_stride,
-                              grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, False)
+                              grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, False, DUP)
             w = tl.load(p_row + cols, mask=mask, other=0).to(MATH_DTYPE)
             g = _rowwise_grad(g, w, weight_decay, MAXIMIZE)
             squares += g * g
@@ -189,7 +214,7 @@ def _sparse_kernel(
             cols = c + offs
             mask = cols < dim
             g = _segment_grad(values_ptr, perm_ptr, start, end, cols, mask, value_row_stride, value_col_stride,
-                              grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, True)
+                              grad_scale, DTYPE, MATH_DTYPE, PERMUTED, HAS_GRAD_SCALE, True, DUP)
             w = tl.load(p_row + cols, mask=mask, other=0).to(MATH_DTYPE)
             g = _rowwise_grad(g, w, weight_decay, MAXIMIZE)
             w = w - _div_rn(clr * g, denom)
@@ -308,8 +333,8 @@ def _step(params, grads, sums, steps, group_sizes, hyper, lr_tensors, maximize, 
             _sparse_kernel[(g._nnz(),)](
                 p, s, values, ordered, perm, step, hyper_rows, lr, grad_scale, found_inf,
                 g._nnz(), dim, values.stride(0), values.stride(1), group,
-                ROWWISE=rowwise, PERMUTED=perm is not None, BLOCK_D=block_d, ONE_BLOCK=dim <= block_d,
-                num_warps=1 if interpreted else _num_warps(block_d), **common,
+                ROWWISE=rowwise, PERMUTED=perm is not None, BLOCK_D=block_d, ONE_BLOCK=dim <= block_d, DUP=DUP,
+                num_warps=1 if interpreted else _num_warps(block_d * DUP // 4), **common,
             )
         else:
             block_d = min(triton.next_power_of_2(dim), _INTERPRETER_MAX_BLOCK_D if interpreted else MAX_BLOCK_D)
