@@ -543,3 +543,13 @@ def test_large_tables_on_cuda(dtype):
     """Tables of the size the kernels are for: 50,000 skewed entries into 20,000 rows of 128, and 900 into
     300 rows of 1,500 columns (two passes over each row)."""
     _skewed_tables_check("cuda", dtype, [(20_000, 128, 50_000), (300, 1500, 900)])
+
+
+@pytest.mark.gpu
+def test_tensor_lr_and_amp_on_cuda():
+    """The device reads (Tensor lr, grad_scale, found_inf) where bench/gpu_check.sh runs only ``gpu`` tests."""
+    assert DEVICE == "cuda"
+    for name, rowwise, sparse in OPS:
+        test_tensor_lr_is_read_on_the_device(name, rowwise, sparse)
+        test_found_inf_changes_nothing(name, rowwise, sparse)
+        test_grad_scale_divides_gradients_and_stores_them_unscaled(name, rowwise, sparse, torch.bfloat16)
