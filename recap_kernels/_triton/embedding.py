@@ -163,9 +163,13 @@ def _sparse_kernel(
     row = tl.load(sorted_ptr + start)
     if tl.load(sorted_ptr + start - 1, mask=start > 0, other=-1) == row:
         return  # not a segment head (row indices are >= 0)
-    end = start + 1
-    while tl.load(sorted_ptr + end, mask=end < nnz, other=-1) == row:
-        end += 1
+    end = start + 1  # past the segment: the sorted positions after it, DUP at a time
+    more = True
+    while more:
+        ahead = end + tl.arange(0, DUP)
+        same = tl.sum((tl.load(sorted_ptr + ahead, mask=ahead < nnz, other=-1) == row).to(tl.int32), 0)
+        end += same  # sorted: the positions equal to row are the first ones
+        more = same == DUP
 
     clr, eps, weight_decay = _clr_eps_decay(hyper_ptr, group, lr_ptr, step_ptr, MATH_DTYPE, HAS_LR_TENSOR)
     grad_scale = 1.0
