@@ -14,10 +14,10 @@ instead the row indices are sorted (``torch.sort``, stable, keeping the permutat
 kernel runs one program per sorted position. A program whose row differs from the previous position's
 is a segment head: it finds the end of its run of equal rows and sums their value rows (both ``DUP``
 positions at a time past the first, so that a hot row's loads overlap), then updates that row; the other
-programs return at once. The grid is known from nnz, so no host sync is needed, and each value row is read (and,
-under AMP, written back unscaled) by exactly one program. A gradient already coalesced skips the sort.
-The cost: a hot row's entries are still summed by one program; a row named 10^5 times in one gradient
-would want its run split across programs (not done: unmeasured).
+programs return at once. The grid is known from nnz, so no host sync is needed, and each value row is
+read (and, under AMP, written back unscaled) by exactly one program. A gradient already coalesced skips
+the sort. The cost: a hot row's entries are still summed by one program; a row named 10^5 times in one
+gradient would want its run split across programs (not done: unmeasured).
 
 Note [Table launches]
 One launch per table (sparse: one program per gradient entry; dense row-wise: one per block of rows),
