@@ -58,9 +58,10 @@ stage ptxas 30 "$PY" bench/ptxas_report.py "$OUT/build.log" || status=1
 stage info 60 "$PY" -m recap_kernels info || status=1
 # The CUDA backend's tests first (its issue is the open one), then every other gpu test.
 stage tests-cuda 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_cuda_ops.py \
-  tests/test_equivalence.py -k "cuda" || status=1
+  tests/test_cuda_embedding.py tests/test_equivalence.py -k "cuda" || status=1
 stage bench 120 "$PY" -m recap_kernels bench --device cuda --json "$OUT/bench.json" || status=1
 stage tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests --ignore tests/test_cuda_ops.py \
+  --ignore tests/test_cuda_embedding.py \
   -k "not (test_equivalence and cuda)" || status=1
 SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
 if [ -x "$SANITIZER" ]; then

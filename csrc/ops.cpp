@@ -14,6 +14,24 @@
 //   * grad_scale / found_inf are GradScaler's: gradients are divided by grad_scale and stored back
 //     unscaled; a nonzero found_inf makes the call change nothing, step counters included;
 //   * every tensor written has its version counter bumped (Note [Version counters]).
+//
+// Note [Table ops]
+// fused_sparse_adagrad_ / fused_rowwise_adagrad_ step embedding tables (recap_kernels/backends/_base.py,
+// Note [Table steps]) with the arguments of fused_adagrad_ (hyper rows lr, lr_decay, eps, weight_decay):
+//   * params are contiguous 2-D tables (rows, dim), float32/float64/bfloat16/float16;
+//   * a gradient is a sparse COO tensor of whole rows (sparse_dim 1, dense_dim 1: int64 indices (1, nnz),
+//     values (nnz, dim) in the table's dtype), uncoalesced as EmbeddingBag(sparse=True) makes it:
+//     rows repeat, unsorted. Row-wise Adagrad also takes a dense contiguous gradient of the table's shape;
+//   * state_sums: sparse Adagrad's are shaped as the table, row-wise Adagrad's (rows, 1), in its dtype;
+//   * a sparse gradient's duplicate entries are summed per row in the math dtype (float, double for
+//     float64 tables), never coalesced: the cost follows nnz, not the table (Note [Table row sort] in
+//     cpu/embedding.cpp); only the rows present change, the others are left bit for bit;
+//   * sparse Adagrad is torch.optim.Adagrad's sparse branch (weight_decay must be 0, as torch requires),
+//     row-wise Adagrad is FBGEMM's EXACT_ROWWISE_ADAGRAD (recap_kernels/embedding_math.h);
+//   * each table's step counter advances by one per call, an empty gradient (nnz 0) included;
+//   * AMP as above: a sparse gradient's values are unscaled in place;
+//   * every check (dtypes, devices, shapes, layouts, contiguity, list lengths, each row index within
+//     its table: IndexError) runs before the first write, so a call that raises changes nothing.
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -51,6 +69,15 @@ TORCH_LIBRARY(recap_kernels, m) {
       "fused_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, Tensor(d!)[] state_steps, "
       "int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  // Note [Table ops]
+  m.def(
+      "fused_sparse_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "fused_rowwise_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Test-only, in builds with CUDA kernels: fused_adam_ / fused_adagrad_ on CPU tensors through the
   // CUDA kernels' block bodies, run on the host (cuda/emulate.cu; tests/test_cuda_ops.py).
   m.def(
@@ -60,6 +87,16 @@ TORCH_LIBRARY(recap_kernels, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "_emulate_cuda_fused_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Test-only, in builds with CUDA kernels: the table ops on CPU tensors through the CUDA kernels'
+  // block bodies, run on the host (cuda/emulate.cu; tests/test_cuda_embedding.py).
+  m.def(
+      "_emulate_cuda_fused_sparse_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "_emulate_cuda_fused_rowwise_adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
       "Tensor(d!)[] state_steps, int[] group_sizes, float[] hyper, Tensor?[] lr_tensors, *, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Test-only: out = src, through convert.h's load and store (tests/test_math_edges.py).

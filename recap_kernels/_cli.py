@@ -104,6 +104,23 @@ def info() -> int:
     return 0
 
 
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, what: str):
+    """A progress bar on stderr (tqdm, from the ``bench`` extra; none without it or off a terminal)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc=what, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+
+
 def bench(args: argparse.Namespace) -> int:
     from recap_kernels.backends import BACKEND_NAMES
     from recap_kernels.bench import run, workloads
@@ -133,10 +150,15 @@ def bench(args: argparse.Namespace) -> int:
     if args.suite in ("recap", "all"):
         print(f"bench: {', '.join(contenders)} on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr,
               flush=True)
-        report = run.run(workload, device, contenders, steps=steps, warmup=warmup)
-        print(run.format_report(report, size_note))
-        all_rows += run.rows(report)
-        ok &= report.ok
+        kinds = ("sparse", "dense") if args.embedding_gradients == "both" else (args.embedding_gradients,)
+        for i, kind in enumerate(kinds):  # the table's gradients as in training first, then dense ones
+            bar = _progress(warmup + steps, f"recap, {kind} tables: {len(contenders)} contenders in lockstep")
+            report = run.run(workload.with_embedding_gradients(kind), device, contenders, steps=steps, warmup=warmup,
+                             tick=bar.update)
+            bar.close()
+            print(("\n" if i else "") + run.format_report(report, size_note))
+            all_rows += run.rows(report)
+            ok &= report.ok
     if args.suite in ("kernels", "all"):
         backends = [name for name in requested if name in BACKEND_NAMES] if requested else None
         kernel_rows = _kernel_suite(device, args, backends)
@@ -155,6 +177,10 @@ def bench(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(all_rows, indent=2) + "\n")
         print(f"wrote {path}")
+    if args.plot:
+        from recap_kernels.bench import report as bench_report
+
+        print(f"wrote {bench_report.plot(bench_report.add_ratios(all_rows), args.plot)}")
     return 0 if ok else 1
 
 
@@ -166,10 +192,13 @@ def _kernel_suite(device: torch.device, args: argparse.Namespace, backends: list
     print(f"bench: kernel workloads on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr, flush=True)
     roofline = buckets.measure_roofline(device)
     results = []
-    for workload in buckets.workloads(device, scale=1 / 16 if args.size == "small" else 1.0):
+    shapes = buckets.workloads(device, scale=1 / 16 if args.size == "small" else 1.0)
+    bar = _progress(len(shapes) * 2 * len(buckets.contenders("adam", device, backends)), "kernels: contenders")
+    for workload in shapes:
         for optimizer in ("adam", "adagrad"):
             results += buckets.run_workload(workload, optimizer, device, steps=steps, warmup=warmup,
-                                            backends=backends)
+                                            backends=backends, tick=bar.update)
+    bar.close()
     table_rows = buckets.rows(results, roofline, device, run.environment(device))
     print(buckets.format_rows(table_rows, roofline, device))
     return table_rows
@@ -183,7 +212,9 @@ def _embedding_suite(device: torch.device, args: argparse.Namespace) -> list[dic
     # The CPU table is already sized for a CPU: "default" runs it as it is, like the GPU's.
     scale = {"small": 1 / 16, "default": 1.0}.get(args.size) or float(args.size)
     print(f"bench: embedding tables on {device.type}, {warmup} + {steps} steps ...", file=sys.stderr, flush=True)
-    results = embedding.run_embedding_suite(device, steps=steps, warmup=warmup, scale=scale)
+    bar = _progress(len(embedding.TOUCHED) * len(embedding.contenders(device)), "embedding: contenders")
+    results = embedding.run_embedding_suite(device, steps=steps, warmup=warmup, scale=scale, tick=bar.update)
+    bar.close()
     rows, dim = embedding.TABLES[device.type]
     table_rows = embedding.rows(results, run.environment(device), (max(1, int(rows * scale)), dim))
     print(embedding.format_rows(table_rows))
@@ -228,7 +259,16 @@ def _parser() -> argparse.ArgumentParser:
         "embedding: exact and row-wise Adagrad on one large table with sparse gradients of 16k/64k/256k rows, "
         "against torch's sparse and dense fused steps and FBGEMM's TBE when installed; all (default): the three",
     )
+    bench_parser.add_argument(
+        "--embedding-gradients",
+        choices=("sparse", "dense", "both"),
+        default="both",
+        help="the recap suite's table gradients: sparse (nn.EmbeddingBag(sparse=True), as in training), dense, "
+        "or both (default: two tables, sparse first)",
+    )
     bench_parser.add_argument("--json", metavar="PATH", help="also write long-format result rows to PATH")
+    bench_parser.add_argument("--plot", metavar="PATH",
+                              help="also draw the rows to PATH (PNG): time per step per contender, roofline marked")
     return parser
 
 

@@ -73,6 +73,47 @@ def fused_adagrad_(
     )
 
 
+def fused_sparse_adagrad_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state_sums: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    group_sizes: Sequence[int],
+    hyper: Sequence[float],
+    lr_tensors: Sequence[Tensor | None],
+    *,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One exact Adagrad step over embedding tables with sparse COO gradients, in place (Note [Table ops])."""
+    torch.ops.recap_kernels.fused_sparse_adagrad_.default(
+        params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def fused_rowwise_adagrad_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state_sums: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    group_sizes: Sequence[int],
+    hyper: Sequence[float],
+    lr_tensors: Sequence[Tensor | None],
+    *,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One row-wise Adagrad step over embedding tables (sparse or dense gradients, ``state_sums`` of shape
+    ``(rows, 1)``), in place (Note [Table ops])."""
+    torch.ops.recap_kernels.fused_rowwise_adagrad_.default(
+        params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
 def bound_bucket(
     params: Sequence[Tensor],
     states: Sequence[Sequence[Tensor]],
@@ -125,6 +166,40 @@ if _ext.load()[0] is not None:
                             grad_scale=None, found_inf=None) -> None:
         _check_call(params, {"grads": grads, "state_sums": state_sums}, state_steps, group_sizes, hyper,
                     ADAGRAD_FIELDS, lr_tensors)
+
+    def _check_table_call(rowwise, params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors) -> None:
+        """The table ops' checks (Note [Table ops]), minus the data (row indices are checked in C++)."""
+        n = len(params)
+        for name, tensors in (("grads", grads), ("state_sums", state_sums), ("state_steps", state_steps)):
+            torch._check(len(tensors) == n, lambda: f"{name} must have one tensor per table ({n})")
+        for p, g, s in zip(params, grads, state_sums):
+            torch._check(p.dim() == 2, lambda: "params must be 2-D tables (rows, dim)")
+            torch._check(g.shape == p.shape and g.dtype == p.dtype, lambda: "grads must match their tables")
+            torch._check(g.is_sparse or rowwise, lambda: "fused_sparse_adagrad_ takes sparse COO gradients")
+            expected = (p.shape[0], 1) if rowwise else p.shape
+            torch._check(s.shape == expected and s.dtype == p.dtype,
+                         lambda: f"state_sums must have shape {tuple(expected)} and their table's dtype")
+        torch._check(sum(group_sizes) == n, lambda: f"group_sizes must add up to the {n} tables")
+        torch._check(len(hyper) == ADAGRAD_FIELDS * len(group_sizes),
+                     lambda: f"hyper must have {ADAGRAD_FIELDS} values per group")
+        torch._check(len(lr_tensors) == len(group_sizes), lambda: "lr_tensors must have one entry per group")
+        if not rowwise:
+            torch._check(all(hyper[g * ADAGRAD_FIELDS + 3] == 0 for g in range(len(group_sizes))),
+                         lambda: "weight_decay must be 0 with sparse gradients")
+
+    # A build from before the table ops lacks them (the backends then say so: native.py).
+    _register_table_fake = (torch.library.register_fake if _ext.has_op("fused_rowwise_adagrad_")
+                            else lambda name: lambda fn: fn)
+
+    @_register_table_fake("recap_kernels::fused_sparse_adagrad_")
+    def _fused_sparse_adagrad_fake(params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors, *,
+                                   maximize, grad_scale=None, found_inf=None) -> None:
+        _check_table_call(False, params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors)
+
+    @_register_table_fake("recap_kernels::fused_rowwise_adagrad_")
+    def _fused_rowwise_adagrad_fake(params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors, *,
+                                    maximize, grad_scale=None, found_inf=None) -> None:
+        _check_table_call(True, params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors)
 
     @torch.library.register_fake("recap_kernels::_convert_")
     def _convert_fake(out, src) -> None:

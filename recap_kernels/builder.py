@@ -58,6 +58,7 @@ def build_optimizer(
     emb_optimizer_config: EmbeddingOptimizerConfig | Mapping | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
+    embedding_backend: str | None = None,
 ) -> tuple[torch.optim.Optimizer, RecapLRScheduler]:
     """The optimizer and scheduler of a recap model.
 
@@ -70,6 +71,9 @@ def build_optimizer(
             or anything :func:`~recap_kernels.config.load_embedding_optimizer_config` accepts.
         backend: the kernels of Adam and Adagrad (see :class:`recap_kernels.optim.Adam`); SGD is
             ``torch.optim.SGD`` whatever this says.
+        embedding_backend: the embedding tables' kernels, when they should differ from ``backend``
+            (say the CUDA kernels for the dense groups and ``"auto"`` for tables with sparse
+            gradients, where this build has no CUDA table kernels); default: ``backend``.
 
     Returns:
         ``(optimizer, scheduler)``. The optimizer is the Adam optimizer itself or, when there is an
@@ -93,7 +97,8 @@ def build_optimizer(
     )
     lr_configs = dense_lrs
     if embedding_params:
-        embedding = _embedding_optimizer({"params": embedding_params, "name": EMBEDDINGS}, emb_config, backend)
+        embedding = _embedding_optimizer({"params": embedding_params, "name": EMBEDDINGS}, emb_config,
+                                         backend if embedding_backend is None else embedding_backend)
         optimizer = CombinedOptimizer(optimizer, embedding)
         lr_configs = [*dense_lrs, emb_config.learning_rate]
     return optimizer, RecapLRScheduler(optimizer, lr_configs)

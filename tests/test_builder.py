@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from recap_kernels import build_optimizer, compute_lr, optim
-from recap_kernels.backends import BACKEND_NAMES
+from recap_kernels.backends import BACKEND_NAMES, get_backend
 from recap_kernels.builder import CombinedOptimizer
 from recap_kernels.config import DuplicateKeyError
 
@@ -335,6 +335,16 @@ def test_sparse_embedding_gradients_train_with_adagrad():
     _train(model, optimizer, scheduler, _batches(2))
     assert table.grad.is_sparse
     assert not torch.equal(table, before)
+
+
+@pytest.mark.skipif(not get_backend("cpu").available(torch.device("cpu")).ok, reason="no CPU kernels in this build")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+def test_the_tables_may_have_their_own_backend():
+    model = HeavyRanker(sparse=True)
+    optimizer, scheduler = build_optimizer(model, _multi_task(), {**ADAGRAD, "adagrad": {"mode": "sparse"}},
+                                           backend="cpu", embedding_backend="torch")
+    _train(model, optimizer, scheduler, _batches(2))
+    assert optimizer.dense.backends_used() == {"cpu"} and optimizer.embedding.backends_used() == {"torch"}
 
 
 def test_combined_step_zero_grad_and_closure():

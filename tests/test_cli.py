@@ -127,3 +127,33 @@ def test_embedding_suite_rows_pass_their_checks():
     assert sparse["speedup_vs_torch_sparse"] == 1.0 and sparse["with_forward_backward_ms"] > sparse["p50"]
     assert "torch-fwd-bwd" in embedding.format_rows(rows)
     assert embedding._check(torch.zeros(3), torch.ones(3)).startswith("MISMATCH")
+
+
+def test_recap_suite_runs_sparse_then_dense_table_gradients(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    # torch-fused: torch's fused Adagrad takes no sparse gradients, so its table steps sparse Adagrad
+    assert main([*TINY_BENCH, "--backends", "cpu,torch-fused", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sparse Adagrad:" in out and "MISMATCH" not in out
+    rows = json.loads(path.read_text())
+    by_workload = {}
+    for row in rows:
+        by_workload.setdefault(row["workload"], {})[row["contender"]] = row
+    assert list(by_workload) == ["recap-x0.0625", "recap-x0.0625-dense-tables"]
+    sparse, dense = by_workload.values()
+    assert set(sparse) == set(dense) == {"recap-torch", "recap-cpu", "torch-fused"}
+    assert all(r["check"] == "OK" for r in rows)
+    # the sparse step updates only the rows a batch names: fewer parameters, fewer bytes
+    assert sparse["recap-torch"]["n_params"] < dense["recap-torch"]["n_params"]
+    assert "cpu" in sparse["recap-cpu"]["backends_used"]
+
+
+def test_workload_tables_get_the_configured_gradients():
+    workload = workloads.workload_for_size("small", torch.device("cpu"))
+    assert workload.embedding_gradients == "sparse"
+    for kind in ("sparse", "dense"):
+        model = workloads.build_model(workload.with_embedding_gradients(kind), "cpu")
+        model(workloads.make_batches(workload, "cpu")[0]).backward()
+        assert model.embedding_bags["user_id"].weight.grad.is_sparse == (kind == "sparse")
+    with pytest.raises(ValueError, match="'sparse' or 'dense'"):
+        workload.with_embedding_gradients("rowwise")

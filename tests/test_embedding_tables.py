@@ -17,7 +17,7 @@ import torch
 from recap_kernels import BackendUnavailableError, optim
 from recap_kernels.backends import BucketKey, get_backend
 from recap_kernels.backends._base import SPARSE
-from tests.reference import rowwise_adagrad_reference, sparse_rows_grad, tolerances
+from tests.reference import rowwise_adagrad_reference, sparse_adagrad_reference, sparse_rows_grad, tolerances
 
 CPU = torch.device("cpu")
 
@@ -67,22 +67,32 @@ def _tables(dtype, gen, tables=TABLES):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_adagrad_with_sparse_gradients_is_torchs(backend, dtype):
+    """torch.optim.Adagrad's step; for bfloat16 tables on a kernel backend, its float64 form rounded once
+    per store (``sparse_adagrad_reference``): the kernels compute in float, where torch's bfloat16 step
+    rounds every intermediate (its sums drift a few ulps from the exact ones)."""
     gen = torch.Generator().manual_seed(0)
     tables = TABLES[:2] if backend == "triton" else TABLES
     init = _tables(dtype, gen, tables)
     ref_params = [t.clone().requires_grad_() for t in init]
     params = [t.clone().requires_grad_() for t in init]
+    hyper = [{"lr": 0.1, "lr_decay": 0.0, "eps": 1e-10}, {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-6}]
 
     def groups(ps):
-        return [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.05, "lr_decay": 0.1, "eps": 1e-6}]
+        return [{"params": ps[:1]}, {"params": ps[1:], **hyper[1]}]
 
     kwargs = {"lr": 0.1, "initial_accumulator_value": 0.1}
     ref = torch.optim.Adagrad(groups(ref_params), **kwargs)
     opt = optim.Adagrad(groups(params), backend=backend, **kwargs)
+    exact = dtype == torch.bfloat16 and backend != "torch"
     for grads in _grads(tables, 4, gen, dtype=dtype):
         for r, p, g in zip(ref_params, params, grads):
             r.grad, p.grad = g.clone(), g.clone()
-        ref.step()
+        if exact:
+            with torch.no_grad():
+                for i, (r, g) in enumerate(zip(ref_params, grads)):
+                    sparse_adagrad_reference(r, ref.state[r]["sum"], ref.state[r]["step"], g, **hyper[min(i, 1)])
+        else:
+            ref.step()
         opt.step()
     assert opt.backends_used() == {backend}
     tol = tolerances(dtype)
@@ -310,3 +320,72 @@ def test_rowwise_adagrad_is_fbgemms_exact_rowwise_adagrad(backend):
         opt.step()
     torch.testing.assert_close(bag.weight.detach(), tbe.split_embedding_weights()[0])
     torch.testing.assert_close(opt.state[bag.weight]["sum"].flatten(), tbe.split_optimizer_states()[0][0])
+
+
+def _cuda_table_backends() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    key = BucketKey(torch.device("cuda"), torch.float32, SPARSE)
+    return [name for name in ("cuda", "triton") if get_backend(name).available(key.device).ok
+            and get_backend(name).supports("adagrad", key, [{}]).ok]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("rows", [1, 1000, 100_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tables_on_cuda_match_torch_and_the_reference(dtype, rows):
+    """Every CUDA backend with table kernels: exact sparse Adagrad against torch's sparse step on the GPU,
+    row-wise Adagrad (sparse and dense gradients) against the float64 reference, after several steps."""
+    backends = _cuda_table_backends()
+    if not backends:
+        pytest.skip("no CUDA backend with table kernels in this build")
+    dim = 129 if rows < 100_000 else 64
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(rows, dim, generator=gen).to(dtype)
+    grads = [sparse_rows_grad(rows, dim, _indices(rows, min(4 * rows, 20_000), gen), dtype=dtype, seed=s)
+             for s in range(3)]
+    for backend in backends:
+        ref = init.clone().cuda().requires_grad_()
+        p = init.clone().cuda().requires_grad_()
+        ref_opt = torch.optim.Adagrad([ref], lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)
+        opt = optim.Adagrad([p], lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, backend=backend)
+        for g in grads:
+            ref.grad, p.grad = g.cuda(), g.cuda()
+            ref_opt.step()
+            opt.step()
+        assert opt.backends_used() == {backend}
+        torch.testing.assert_close(p.detach(), ref.detach(), **tolerances(dtype))
+        torch.testing.assert_close(opt.state[p]["sum"], ref_opt.state[ref]["sum"], **tolerances(dtype))
+        for sparse in (True, False):
+            table = init.clone().cuda().requires_grad_()
+            rowwise = optim.RowWiseAdagrad([table], lr=0.1, weight_decay=0.01, backend=backend)
+            expected, sums, step = init.clone(), torch.zeros(rows, 1, dtype=dtype), torch.tensor(0.0)
+            for g in grads:
+                g = g if sparse else g.to_dense()
+                table.grad = g.cuda()
+                rowwise.step()
+                rowwise_adagrad_reference(expected, sums, step, g, lr=0.1, lr_decay=0.0, weight_decay=0.01,
+                                          eps=1e-10)
+            assert rowwise.backends_used() == {backend}
+            torch.testing.assert_close(table.detach().cpu(), expected, **tolerances(dtype))
+            torch.testing.assert_close(rowwise.state[table]["sum"].cpu(), sums, **tolerances(dtype))
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="this torch assigns no gradient of another dtype")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("family", ["adagrad", "rowwise"])
+@pytest.mark.parametrize("backend", ["auto", *SPARSE_BACKENDS])
+def test_a_sparse_gradient_of_another_dtype_raises_before_any_write(backend, family):
+    dense = torch.randn(4, 3).requires_grad_()
+    table = torch.randn(10, 3).requires_grad_()
+    table.grad_dtype = None  # what lets a gradient of another dtype through
+    cls = optim.Adagrad if family == "adagrad" else optim.RowWiseAdagrad
+    opt = cls([{"params": [dense]}, {"params": [table], "lr": 0.5}], backend=backend)
+    dense.grad = torch.randn(4, 3)
+    table.grad = sparse_rows_grad(10, 3, [1, 2, 2], dtype=torch.float64)
+    before = [dense.detach().clone(), table.detach().clone()]
+    with pytest.raises(RuntimeError, match="gradient of another dtype"):
+        opt.step()
+    assert torch.equal(dense.detach(), before[0]) and torch.equal(table.detach(), before[1])

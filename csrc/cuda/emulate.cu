@@ -15,6 +15,7 @@
 #include "../common/bucket.h"
 #include "adagrad.cuh"
 #include "adam.cuh"
+#include "embedding.cuh"
 
 namespace recap_kernels::cuda {
 namespace {
@@ -76,9 +77,64 @@ struct AdagradHostLaunch : HostLaunch {
   }
 };
 
+// The table kernels' blocks in turn; a row-wise block runs each phase for all its threads before the
+// next, which is what its barriers guarantee on the GPU (Note [CUDA table steps]).
+struct TableHostLaunch {
+  static constexpr c10::DeviceType kDeviceType = c10::kCPU;
+
+  explicit TableHostLaunch(const at::Device& /*device*/) {}
+
+  template <typename S>
+  void sparse_adagrad(const TableLaunch& t) {
+    for (int64_t block = 0; block < t.blocks; ++block) {
+      for (int32_t thread = 0; thread < kTableBlockSize; ++thread) {
+        sparse_adagrad_block<S>(t, block, thread);
+      }
+    }
+  }
+
+  template <typename S, bool WEIGHT_DECAY>
+  void rowwise(const TableLaunch& t) {
+    using M = typename Storage<S>::math_t;
+    M partials[kTableBlockSize];
+    for (int64_t block = 0; block < t.blocks; ++block) {
+      const RowRun run = row_run(t, block);
+      if (t.amp.skip() || run.empty()) {
+        continue;
+      }
+      const AdagradScalars<M> s = launch_scalars<M>(t);
+      for (int32_t thread = 0; thread < kTableBlockSize; ++thread) {
+        partials[thread] = rowwise_partial<S, WEIGHT_DECAY>(t, run, s, thread);
+      }
+      const RowwiseRow<M> r = rowwise_row<S>(t, run, s, partials);
+      for (int32_t thread = 0; thread < kTableBlockSize; ++thread) {
+        rowwise_apply<S, WEIGHT_DECAY>(t, run, s, r, thread);
+      }
+    }
+  }
+};
+
+template <bool ROWWISE>
+void emulated_table_op(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                       at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
+                       const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  table_op<TableHostLaunch>(ROWWISE ? "_emulate_cuda_fused_rowwise_adagrad_" : "_emulate_cuda_fused_sparse_adagrad_",
+                            ROWWISE, params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors, maximize,
+                            grad_scale, found_inf);
+}
+
 }  // namespace
 
+// Sparse gradients carry SparseCPU (Note [Table op dispatch] in ../cpu/embedding.cpp).
+TORCH_LIBRARY_IMPL(recap_kernels, SparseCPU, m) {
+  m.impl("_emulate_cuda_fused_sparse_adagrad_", &emulated_table_op<false>);
+  m.impl("_emulate_cuda_fused_rowwise_adagrad_", &emulated_table_op<true>);
+}
+
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
+  m.impl("_emulate_cuda_fused_sparse_adagrad_", &emulated_table_op<false>);
+  m.impl("_emulate_cuda_fused_rowwise_adagrad_", &emulated_table_op<true>);
   m.impl("_emulate_cuda_fused_adam_", &fused_adam<AdamHostLaunch>);
   m.impl("_emulate_cuda_fused_adagrad_", &fused_adagrad<AdagradHostLaunch>);
   // BoundBucket.set_emulate_cuda(True): a CPU bucket's steps through the same block bodies.

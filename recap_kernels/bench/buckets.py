@@ -121,7 +121,8 @@ def check_against(params: list[torch.Tensor], reference: list[torch.Tensor]) -> 
 
 
 def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device, *, steps: int,
-                 warmup: int, backends: list[str] | None = None) -> list[BucketResult]:
+                 warmup: int, backends: list[str] | None = None,
+                 tick: Callable[[], object] | None = None) -> list[BucketResult]:
     """Every contender from the same start on the same gradients; the reference's final values judge the rest.
 
     Contenders run one after another on one set of buffers (the parameters are reset from a saved
@@ -148,6 +149,8 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
         results.append(BucketResult(workload.name, optimizer, name, timer.samples_ms(), workload.numel,
                                     len(workload.sizes), check))
         del opt  # free its state before the next contender allocates its own
+        if tick is not None:
+            tick()
     return results
 
 
@@ -162,7 +165,8 @@ def rows(results: list[BucketResult], roofline: dict[str, float], device: torch.
         p50, p20, p80 = quantiles(r.samples_ms)
         gbps = BYTES_PER_PARAM[r.optimizer] * r.numel / (p50 * 1e6)
         out.append({
-            "workload": r.workload, "optimizer": r.optimizer, "contender": r.contender, "dtype": "float32",
+            "suite": "kernels", "workload": r.workload, "optimizer": r.optimizer, "contender": r.contender,
+            "dtype": "float32", "bytes": BYTES_PER_PARAM[r.optimizer] * r.numel,
             "n_params": r.numel, "n_tensors": r.tensors, "p50": p50, "p20": p20, "p80": p80, "unit": "ms",
             "bytes_per_param": BYTES_PER_PARAM[r.optimizer], "gbps": gbps,
             "roofline": reference_key.removesuffix("_gbps"), "roofline_gbps": roofline[reference_key],

@@ -159,8 +159,35 @@ def _have_fbgemm() -> bool:
     return True
 
 
+REFERENCES = {"adagrad": "torch-sparse", "rowwise": "recap-torch rowwise"}  # each family's reference
+
+
+def contenders(device: torch.device) -> list[tuple[str, str]]:
+    """``(family, contender)`` in the order they run, each family's reference first: exact Adagrad (torch's
+    sparse step, ours per backend, torch's fused step on the gradient made dense) and row-wise Adagrad
+    (the torch backend's, then ours per kernel backend)."""
+    pairs = [("adagrad", "torch-sparse")]
+    pairs += [("adagrad", f"recap-{b}") for b in _table_backends("adagrad", device) if b != "torch"]
+    pairs += [("adagrad", "torch-dense-fused"), ("rowwise", "recap-torch rowwise")]
+    pairs += [("rowwise", f"recap-{b} rowwise") for b in _table_backends("rowwise_adagrad", device) if b != "torch"]
+    return pairs
+
+
+def optimizer_factory(contender: str) -> tuple[Callable, bool]:
+    """``(make, dense)``: ``make(params)`` builds the contender's optimizer; ``dense``: it steps the gradient
+    made dense."""
+    kw = {"lr": LR, "eps": EPS, "initial_accumulator_value": INIT}
+    if contender == "torch-sparse":
+        return (lambda ps: torch.optim.Adagrad(ps, **kw)), False
+    if contender == "torch-dense-fused":
+        return (lambda ps: torch.optim.Adagrad(ps, fused=True, **kw)), True
+    backend, _, rowwise = contender.removeprefix("recap-").partition(" ")
+    cls = optim.RowWiseAdagrad if rowwise else optim.Adagrad
+    return (lambda ps: cls(ps, backend=backend, **kw)), False
+
+
 def run_embedding_suite(device: torch.device, *, steps: int = 10, warmup: int = 2, scale: float = 1.0,
-                        touched: tuple[int, ...] = TOUCHED) -> list[Result]:
+                        touched: tuple[int, ...] = TOUCHED, tick: Callable[[], object] | None = None) -> list[Result]:
     """Every contender on every touched count; ``scale`` shrinks the table's rows (tests, quick runs)."""
     # torch.optim.Adagrad's sparse step builds sparse tensors without invariant checks, and says so.
     warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
@@ -171,21 +198,9 @@ def run_embedding_suite(device: torch.device, *, steps: int = 10, warmup: int = 
     results = []
     for n in touched:
         batches = make_batches(rows, dim, n, device)
-        contenders: dict[str, tuple[str, Callable, bool]] = {
-            "torch-sparse": ("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=LR, eps=EPS,
-                                                                       initial_accumulator_value=INIT), False),
-        }
-        for name in _table_backends("adagrad", device):
-            if name != "torch":
-                contenders[f"recap-{name}"] = ("adagrad", lambda ps, b=name: optim.Adagrad(
-                    ps, lr=LR, eps=EPS, initial_accumulator_value=INIT, backend=b), False)
-        contenders["torch-dense-fused"] = ("adagrad", lambda ps: torch.optim.Adagrad(
-            ps, lr=LR, eps=EPS, initial_accumulator_value=INIT, fused=True), True)
-        for name in ["torch", *(b for b in _table_backends("rowwise_adagrad", device) if b != "torch")]:
-            contenders[f"recap-{name} rowwise"] = ("rowwise", lambda ps, b=name: optim.RowWiseAdagrad(
-                ps, lr=LR, eps=EPS, initial_accumulator_value=INIT, backend=b), False)
         references: dict[str, torch.Tensor] = {}
-        for contender, (family, make_opt, dense) in contenders.items():
+        for family, contender in contenders(device):
+            make_opt, dense = optimizer_factory(contender)
             table, samples = _optimizer_contender(init, make_opt, batches, dense, device, steps, warmup)
             if family not in references:
                 references[family] = table
@@ -195,6 +210,8 @@ def run_embedding_suite(device: torch.device, *, steps: int = 10, warmup: int = 
             results.append(Result(family, n, contender, samples, check))
             del table
             gc.collect()
+            if tick is not None:
+                tick()
         results.append(Result("-", n, "torch-fwd-bwd", _forward_backward_ms(init, batches, device, steps, warmup),
                               "-"))
         if fbgemm:
@@ -217,7 +234,8 @@ def rows(results: list[Result], environment: dict[str, Any], table: tuple[int, i
         forward_backward = p50[(r.touched, "torch-fwd-bwd")]
         training = mid if r.fused_backward or r.contender == "torch-fwd-bwd" else mid + forward_backward
         out.append({
-            "suite": "embedding", "family": r.family, "rows": table[0], "dim": table[1], "touched": r.touched,
+            "suite": "embedding", "workload": f"{table[0]}x{table[1]} touched {r.touched}", "optimizer": r.family,
+            "family": r.family, "rows": table[0], "dim": table[1], "touched": r.touched,
             "contender": r.contender, "dtype": "float32", "p50": mid, "p20": low, "p80": high, "unit": "ms",
             "speedup_vs_torch_sparse": reference / mid if r.family == "adagrad" and not r.fused_backward
             else float("nan"),

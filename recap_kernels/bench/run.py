@@ -16,6 +16,8 @@ Contenders are data (:data:`CONTENDERS`): a name and a function ``(model, optimi
 emb_optimizer_config) -> (optimizer, scheduler)``. Besides ``build_optimizer`` on each backend,
 stock ``torch.optim`` Adam and Adagrad (foreach and fused) run on the builder's groups and
 schedules, so every row times the same work: the whole step, dense groups and embedding table.
+torch's fused Adagrad takes no sparse gradients, so with sparse table gradients (the workload's
+default) ``torch-fused`` steps the table with torch's default sparse Adagrad, as a user would.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 from torch import nn
 
 from recap_kernels import __version__
-from recap_kernels.backends import BACKEND_NAMES, available_backends
+from recap_kernels.backends import BACKEND_NAMES, BucketKey, available_backends, get_backend
+from recap_kernels.backends._base import SPARSE
 from recap_kernels.bench.timing import StepTimer, device_name, quantiles
 from recap_kernels.bench.workloads import Workload, build_model, load_optimizer_configs, make_batches
 from recap_kernels.builder import CombinedOptimizer, build_optimizer
@@ -65,6 +68,8 @@ def _stock_torch(
 
     dense = adam(groups(built.dense), betas=(config.adam.beta_1, config.adam.beta_2), eps=config.adam.epsilon)
     hp = emb_config.adagrad
+    if _sparse_tables(model) and getattr(adagrad, "keywords", {}).get("fused"):
+        adagrad = torch.optim.Adagrad  # `fused` does not support sparse grad: torch's sparse Adagrad
     embedding = adagrad(
         groups(built.embedding),
         lr_decay=hp.lr_decay,
@@ -74,6 +79,10 @@ def _stock_torch(
     )
     optimizer = CombinedOptimizer(dense, embedding)
     return optimizer, RecapLRScheduler(optimizer, built_scheduler.lr_configs)
+
+
+def _sparse_tables(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,19 @@ class Contender:
         return {self.backend or "torch"}
 
 
+def _recap(backend: str, model: nn.Module, config: RecapOptimizerConfig, emb_config: EmbeddingOptimizerConfig):
+    """``build_optimizer`` on ``backend``; sparse tables go to ``auto`` where ``backend`` has no table kernels
+    for this device (the report shows which backend stepped them)."""
+    embedding_backend = backend
+    if _sparse_tables(model):
+        device = next(model.parameters()).device
+        if not get_backend(backend).supports("adagrad", BucketKey(device, torch.float32, SPARSE), [{}]).ok:
+            embedding_backend = "auto"
+    return build_optimizer(model, config, emb_config, backend=backend, embedding_backend=embedding_backend)
+
+
 CONTENDERS: dict[str, Contender] = {
-    **{f"recap-{b}": Contender(f"recap-{b}", partial(build_optimizer, backend=b), b) for b in BACKEND_NAMES},
+    **{f"recap-{b}": Contender(f"recap-{b}", partial(_recap, b), b) for b in BACKEND_NAMES},
     "torch-foreach": Contender(
         "torch-foreach",
         partial(_stock_torch, partial(torch.optim.Adam, foreach=True), partial(torch.optim.Adagrad, foreach=True)),
@@ -102,7 +122,13 @@ CONTENDERS: dict[str, Contender] = {
 
 @dataclass(frozen=True)
 class Traffic:
-    """What one step updates: Adam over the dense groups, Adagrad over the embedding table."""
+    """What one step updates: Adam over the dense groups, Adagrad over the embedding table.
+
+    With sparse table gradients only the rows a gradient names are updated: ``embedding_params``
+    counts their elements (in the last step's gradients), and the bytes are what an exact sparse
+    step cannot avoid: each touched row's parameters and ``sum`` read and written, and every
+    gradient row (duplicates included) and its index read.
+    """
 
     dense_params: int
     dense_tensors: int
@@ -110,19 +136,35 @@ class Traffic:
     embedding_tensors: int
     bytes: int
     dtype: str
+    embedding_rows: int = 0  # rows of the tables
+    embedding_rows_touched: int | None = None  # rows a step updates; None with dense gradients
 
     @classmethod
     def of(cls, optimizer: CombinedOptimizer) -> Traffic:
         dense = [p for g in optimizer.dense.param_groups for p in g["params"]]
         emb = [p for g in optimizer.embedding.param_groups for p in g["params"]]
+        emb_params = emb_bytes = 0
+        touched = None
+        for p in emb:
+            grad = p.grad
+            if grad is not None and grad.is_sparse:
+                rows = grad.coalesce()._nnz()
+                touched = (touched or 0) + rows
+                width = p[0].numel()
+                emb_params += rows * width
+                emb_bytes += (4 * rows * width + grad._nnz() * width) * p.element_size() + grad._nnz() * 8
+            else:
+                emb_params += p.numel()
+                emb_bytes += _ADAGRAD_ACCESSES * p.numel() * p.element_size()
         return cls(
             dense_params=sum(p.numel() for p in dense),
             dense_tensors=len(dense),
-            embedding_params=sum(p.numel() for p in emb),
+            embedding_params=emb_params,
             embedding_tensors=len(emb),
-            bytes=sum(_ADAM_ACCESSES * p.numel() * p.element_size() for p in dense)
-            + sum(_ADAGRAD_ACCESSES * p.numel() * p.element_size() for p in emb),
+            bytes=sum(_ADAM_ACCESSES * p.numel() * p.element_size() for p in dense) + emb_bytes,
             dtype="+".join(sorted({str(p.dtype).removeprefix("torch.") for p in dense + emb})),
+            embedding_rows=sum(p.shape[0] for p in emb),
+            embedding_rows_touched=touched,
         )
 
     @property
@@ -209,8 +251,11 @@ def run(
     *,
     steps: int,
     warmup: int,
+    tick: Callable[[], object] | None = None,
 ) -> Report:
-    """Step every contender on the same gradients, timing each step; then check each against the first."""
+    """Step every contender on the same gradients, timing each step; then check each against the first.
+
+    ``tick()`` is called after every training step (a progress display)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0; got steps={steps}, warmup={warmup}")
     if not contenders or contenders[0] != REFERENCE:
@@ -240,13 +285,18 @@ def run(
                 _copy_grads(model, reference_params)
             timer(optimizer.step, record=i >= warmup)
             scheduler.step()
+        if tick is not None:
+            tick()
 
     for name, model, (optimizer, _), timer in zip(contenders, models, built, timers, strict=True):
         contender = CONTENDERS[name]
         problems = [] if model is reference_model else _compare(model, reference_model)
         used = optimizer.backends_used()
-        if used != contender.expected_backends:
-            problems.insert(0, f"backends_used() is {sorted(used)}, expected {sorted(contender.expected_backends)}")
+        expected = contender.expected_backends
+        if getattr(optimizer, "embedding", None) is not None and getattr(optimizer.embedding, "_backend_request", None) == "auto":
+            expected = expected | optimizer.embedding.backends_used()  # tables its backend cannot run (_recap)
+        if used != expected:
+            problems.insert(0, f"backends_used() is {sorted(used)}, expected {sorted(expected)}")
         report.results.append(Result(contender, timer.samples_ms(), Traffic.of(optimizer), used, problems,
                                      timer.host_samples_ms()))
     return report
@@ -255,7 +305,7 @@ def run(
 def _copy_grads(model: nn.Module, grads_from: list[nn.Parameter]) -> None:
     # Copies, not shared tensors: no contender's step may see another one's writes.
     for p, source in zip(model.parameters(), grads_from, strict=True):
-        if p.grad is None:
+        if p.grad is None or source.grad.is_sparse:  # a sparse gradient is a new tensor every step
             p.grad = source.grad.clone()
         else:
             p.grad.copy_(source.grad)
@@ -334,6 +384,7 @@ def rows(report: Report) -> list[dict[str, Any]]:
         gbps = r.traffic.bytes / (p50 * 1e6)
         out.append(
             {
+                "suite": "recap",
                 "workload": report.workload.name,
                 "optimizer": "adam+adagrad",
                 "contender": r.contender.name,
@@ -345,6 +396,7 @@ def rows(report: Report) -> list[dict[str, Any]]:
                 "p20": p20,
                 "p80": p80,
                 "unit": "ms",
+                "bytes": r.traffic.bytes,
                 "bytes_per_param": r.traffic.bytes / r.traffic.params,
                 "params_per_s": r.traffic.params / (p50 * 1e-3),
                 "gbps": gbps,
@@ -381,6 +433,13 @@ def format_report(report: Report, size_note: str = "") -> str:
         f"tensor{'' if traffic.embedding_tensors == 1 else 's'}; "
         f"{traffic.bytes / 2**20:.0f} MiB moved (28 B/param Adam, 20 B/param Adagrad)"
     )
+    if traffic.embedding_rows_touched is not None:
+        step = (
+            f"Adam: {traffic.dense_params:,} params in {traffic.dense_tensors} tensors; "
+            f"sparse Adagrad: {traffic.embedding_rows_touched:,} of {traffic.embedding_rows:,} table rows "
+            f"({traffic.embedding_params:,} params); {traffic.bytes / 2**20:.0f} MiB moved (28 B/param Adam; "
+            "16 B/param of touched rows + gradient rows and indices)"
+        )
     timing = (
         f"p50/p20/p80 of {report.steps} steps after {report.warmup} warmup; only optimizer.step() is timed, "
         "every contender on the same gradients"
@@ -421,7 +480,8 @@ def format_report(report: Report, size_note: str = "") -> str:
             f"{row['gbps']:.1f}",
             f"{100 * row['frac_of_roofline']:.0f}",
             f"{row['time_vs_torch']:.2f}",
-            row["check"] + (" (reference)" if row["contender"] == REFERENCE else ""),
+            row["check"] + (" (reference)" if row["contender"] == REFERENCE else "")
+            + (f" (ran {'+'.join(row['backends_used'])})" if len(row["backends_used"]) > 1 else ""),
         )
         for row in rows(report)
     ]

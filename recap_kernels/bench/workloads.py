@@ -7,7 +7,8 @@ and the pytest-benchmark suites alike. The model has what makes a recap optimize
 * ten task towers of ``[256, 128, 1]``: sixty small tensors, ten param groups, ten learning-rate
   schedules, where per-tensor launch and dispatch overhead dominate;
 * an ``nn.EmbeddingBag`` table under ``embedding_bags``, much larger than the dense part, stepped
-  by Adagrad with dense gradients.
+  by Adagrad with sparse gradients (``embedding_gradients: sparse``: only the rows a batch names;
+  :meth:`Workload.with_embedding_gradients` gives the dense-gradient variant, every row every step).
 
 Every parameter and every batch derives from the config's seed: two builds of the same
 :class:`Workload` start from the same numbers and see the same data, on any device.
@@ -58,10 +59,18 @@ class Workload:
     num_batches: int
     seed: int
     scale: float = 1.0
+    embedding_gradients: str = "sparse"  # "sparse" | "dense": nn.EmbeddingBag(sparse=...)
 
     @property
     def name(self) -> str:
-        return "recap" if self.scale == 1 else f"recap-x{self.scale:g}"
+        name = "recap" if self.scale == 1 else f"recap-x{self.scale:g}"
+        return name if self.embedding_gradients == "sparse" else f"{name}-dense-tables"
+
+    def with_embedding_gradients(self, kind: str) -> Workload:
+        """The same model whose tables get ``"sparse"`` or ``"dense"`` gradients."""
+        if kind not in ("sparse", "dense"):
+            raise ValueError(f"embedding_gradients must be 'sparse' or 'dense'; got {kind!r}")
+        return dataclasses.replace(self, embedding_gradients=kind)
 
     def scaled(self, scale: float) -> Workload:
         """The backbone's widths and the tables' rows times ``scale``; towers and batches unchanged.
@@ -98,7 +107,7 @@ def load_workload(path: str | Path = CONFIG_PATH) -> Workload:
         ids_per_bag=data["ids_per_bag"],
         num_batches=data["num_batches"],
         seed=data["seed"],
-    )
+    ).with_embedding_gradients(model.get("embedding_gradients", "sparse"))
 
 
 def workload_for_size(size: str, device: torch.device, path: str | Path = CONFIG_PATH) -> Workload:
@@ -145,8 +154,9 @@ class RecapModel(nn.Module):
         if len(dims) != 1:
             raise ValueError(f"the embedding bags are summed, so they need one embedding_dim; got {sorted(dims)}")
         dim = dims.pop()
+        sparse = workload.embedding_gradients == "sparse"
         self.embedding_bags = nn.ModuleDict(
-            {table: nn.EmbeddingBag(rows, dim, mode="sum") for table, rows, _ in workload.embedding_bags}
+            {table: nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse) for table, rows, _ in workload.embedding_bags}
         )
         self.backbone = _mlp([workload.num_dense_features + dim, *workload.backbone_sizes], logits=False)
         width = workload.backbone_sizes[-1]

@@ -1,0 +1,176 @@
+"""Benchmark cases: one contender on one workload, built and checked, ready to be timed.
+
+The pytest-benchmark suite (``bench/test_*.py``, ``make bench``) times these; the workloads, the
+contenders and the checks are those of ``python -m recap_kernels bench`` (:mod:`.buckets`,
+:mod:`.run`, :mod:`.embedding`), not copies. A case is checked before it is timed: it takes
+:data:`CHECK_STEPS` steps from the workload's start and must end where its reference ends
+(``torch.optim``'s single-tensor path for the kernel workloads, the ``torch`` backend for the recap
+model, torch's sparse Adagrad and the ``torch`` backend's row-wise Adagrad for the table). A case
+whose ``check`` is not ``"OK"`` must not be timed. Then ``step()`` is one step, called as many
+times as the timer likes (the state keeps evolving, as in training).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from recap_kernels.bench import buckets, embedding, run, workloads
+
+CHECK_STEPS = 3
+
+
+@dataclass
+class Case:
+    suite: str  # "kernels" | "recap" | "embedding"
+    workload: str
+    optimizer: str
+    contender: str
+    device: torch.device
+    step: Callable[[], None]
+    check: str
+    bytes: int = 0  # what one step must move (the roofline's numerator); 0 where no roofline applies
+    n_params: int = 0
+    n_tensors: int = 0
+    dtype: str = "float32"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """The case's fields for a result row (pytest-benchmark's ``extra_info``)."""
+        return {"suite": self.suite, "workload": self.workload, "optimizer": self.optimizer,
+                "contender": self.contender, "device": self.device.type, "dtype": self.dtype, "bytes": self.bytes,
+                "n_params": self.n_params, "n_tensors": self.n_tensors, "check": self.check, **self.notes}
+
+
+# -- kernels: one optimizer over a fixed parameter set ---------------------------------------------------------------
+def kernel_workload(name: str, device: torch.device, scale: float = 1.0) -> buckets.BucketWorkload:
+    return {w.name: w for w in buckets.workloads(device, scale)}[name]
+
+
+def kernel_contenders(device: torch.device) -> list[str]:
+    """torch's single-tensor, foreach and fused paths, then every kernel backend available here."""
+    return list(buckets.contenders("adam", device))
+
+
+def _kernel_tensors(workload: buckets.BucketWorkload, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(1)
+    params = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
+    grads = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
+    return params, grads
+
+
+def _kernel_run(workload: buckets.BucketWorkload, optimizer: str, contender: str, device: torch.device):
+    params, grads = _kernel_tensors(workload, device)
+    for p, g in zip(params, grads):
+        p.grad = g
+    make = buckets.contenders(optimizer, device, backends=[contender.removeprefix("recap-")]
+                              if contender.startswith("recap-") else [])[contender]
+    opt = make(buckets._groups(params, workload.groups))
+    for _ in range(CHECK_STEPS):
+        opt.step()
+    return params, opt
+
+
+@functools.lru_cache(maxsize=4)
+def _kernel_reference(workload: buckets.BucketWorkload, optimizer: str, device: torch.device) -> list[torch.Tensor]:
+    params, _ = _kernel_run(workload, optimizer, "torch-single", device)
+    return params
+
+
+def kernel_case(workload: buckets.BucketWorkload, optimizer: str, contender: str, device: torch.device) -> Case:
+    params, opt = _kernel_run(workload, optimizer, contender, device)
+    check = "OK" if contender == "torch-single" else buckets.check_against(
+        params, _kernel_reference(workload, optimizer, device))
+    return Case("kernels", workload.name, optimizer, contender, device, opt.step, check,
+                bytes=buckets.BYTES_PER_PARAM[optimizer] * workload.numel, n_params=workload.numel,
+                n_tensors=len(workload.sizes))
+
+
+# -- recap: the recap model's optimizer step, and its whole training step --------------------------------------------
+def recap_contenders(device: torch.device) -> list[str]:
+    return run.select_contenders(None, device)
+
+
+def recap_case(workload: workloads.Workload, contender: str, device: torch.device, *, training: bool) -> Case:
+    """``training=False``: ``optimizer.step()`` alone on fixed gradients; ``True``: forward + backward +
+    step + scheduler step + zero_grad. Checked first by :func:`run.run` in lockstep with the reference."""
+    names = list(dict.fromkeys([run.REFERENCE, contender]))
+    report = run.run(workload, device, names, steps=CHECK_STEPS, warmup=0)
+    result = report.results[-1]
+    check = "OK" if not result.problems else "MISMATCH: " + "; ".join(result.problems)[:300]
+    model = workloads.build_model(workload, device)
+    optimizer, scheduler = run.CONTENDERS[contender].build(model, *workloads.load_optimizer_configs())
+    batches = workloads.make_batches(workload, device)
+    model(batches[0]).backward()
+    traffic = run.Traffic.of(optimizer)
+    counter = iter(range(1 << 62))
+
+    def train_step() -> None:
+        optimizer.zero_grad()
+        model(batches[next(counter) % len(batches)]).backward()
+        optimizer.step()
+        scheduler.step()
+
+    def optimizer_step() -> None:  # a closure: the scheduler's wrapped step keeps only a weakref to the optimizer
+        optimizer.step()
+
+    return Case("recap", workload.name + (" train" if training else ""), "adam+adagrad", contender, device,
+                train_step if training else optimizer_step, check,
+                bytes=0 if training else traffic.bytes, n_params=traffic.params, n_tensors=traffic.tensors,
+                dtype=traffic.dtype, notes={"backends_used": sorted(result.backends_used)})
+
+
+# -- embedding: one table, sparse gradients --------------------------------------------------------------------------
+def embedding_contenders(device: torch.device) -> list[tuple[str, str]]:
+    return embedding.contenders(device)
+
+
+def _embedding_setup(scale: float, touched: int, device: torch.device):
+    rows, dim = embedding.TABLES[device.type]
+    rows = max(1, int(rows * scale))
+    init = torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)).to(device)
+    return init, embedding.make_batches(rows, dim, touched, device)
+
+
+def _embedding_run(contender: str, scale: float, touched: int, device: torch.device):
+    init, batches = _embedding_setup(scale, touched, device)
+    make_opt, dense = embedding.optimizer_factory(contender)
+    table = init.clone().requires_grad_()
+    opt = make_opt([table])
+    grads = [b.sparse_grad(tuple(init.shape)) for b in batches]
+    if dense:
+        grads = [g.to_dense() for g in grads]
+    counter = iter(range(1 << 62))
+
+    def step() -> None:
+        table.grad = grads[next(counter) % len(grads)]
+        opt.step()
+
+    for _ in range(CHECK_STEPS):
+        step()
+    return table, step, grads
+
+
+@functools.lru_cache(maxsize=2)
+def _embedding_reference(family: str, scale: float, touched: int, device: torch.device) -> torch.Tensor:
+    table, _, _ = _embedding_run(embedding.REFERENCES[family], scale, touched, device)
+    return table.detach().clone()
+
+
+def embedding_case(family: str, contender: str, touched: int, device: torch.device, scale: float = 1.0) -> Case:
+    table, step, grads = _embedding_run(contender, scale, touched, device)
+    check = "OK" if contender == embedding.REFERENCES[family] else embedding._check(
+        table.detach(), _embedding_reference(family, scale, touched, device))
+    rows, dim = table.shape
+    sparse = grads[0].coalesce() if grads[0].is_sparse else None
+    unique = sparse._nnz() if sparse is not None else rows
+    nnz = grads[0]._nnz() if grads[0].is_sparse else rows
+    sum_width = 1 if family == "rowwise" else dim
+    # touched rows' weights and accumulators read and written, every gradient row and index read
+    moved = 4 * (2 * unique * dim + 2 * unique * sum_width + nnz * dim) + (8 * nnz if sparse is not None else 0)
+    return Case("embedding", f"{rows}x{dim} touched {touched}", family, contender, device, step, check,
+                bytes=moved, n_params=unique * dim, n_tensors=1)
