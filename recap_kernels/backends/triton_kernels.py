@@ -1,10 +1,11 @@
-"""The ``triton`` backend: Triton kernels for the dense Adam/AdamW and Adagrad steps.
+"""The ``triton`` backend: Triton kernels for the dense Adam/AdamW and Adagrad steps, and for embedding
+tables (Note [Table steps]: Adagrad with sparse gradients, row-wise Adagrad; ``_triton/embedding.py``).
 
 Runs CUDA tensors, and CPU tensors only under ``TRITON_INTERPRET=1`` (the test suite). It takes
-contiguous float32/bfloat16/float16/float64 tensors; the registry routes every other bucket
-(non-contiguous or sparse gradients, overlapping parameters, complex parameters,
-``differentiable=True``) to the torch backend under ``"auto"`` and refuses it, with that reason,
-when ``"triton"`` is explicit.
+contiguous float32/bfloat16/float16/float64 tensors, with dense gradients or, for the table steps,
+sparse gradients of whole rows; the registry routes every other bucket (non-contiguous tensors,
+other sparse gradients, overlapping parameters, complex parameters, ``differentiable=True``) to the
+torch backend under ``"auto"`` and refuses it, with that reason, when ``"triton"`` is explicit.
 
 A bucket whose param groups differ in ``amsgrad``, ``maximize`` or decoupled weight decay
 (compile-time switches of the kernel) takes one launch per combination; everything else that
