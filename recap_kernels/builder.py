@@ -168,18 +168,10 @@ def _embedding_optimizer(
             [group], lr=_UNSCHEDULED_LR, momentum=config.sgd.momentum, weight_decay=config.sgd.weight_decay
         )
     adagrad = config.adagrad
-    if adagrad.mode == "rowwise":  # dense or sparse gradients alike
-        return optim.RowWiseAdagrad(
-            [group],
-            lr=_UNSCHEDULED_LR,
-            lr_decay=adagrad.lr_decay,
-            weight_decay=adagrad.weight_decay,
-            initial_accumulator_value=adagrad.initial_accumulator_value,
-            eps=adagrad.eps,
-            backend=backend,
-        )
-    # "dense" and "sparse" are one optimizer: Adagrad follows whichever gradient layout arrives.
-    return optim.Adagrad(
+    # "dense" and "sparse" are one optimizer (Adagrad follows whichever gradient layout arrives);
+    # "rowwise" takes either kind of gradient too.
+    cls = optim.RowWiseAdagrad if adagrad.mode == "rowwise" else optim.Adagrad
+    return cls(
         [group],
         lr=_UNSCHEDULED_LR,
         lr_decay=adagrad.lr_decay,
