@@ -15,8 +15,10 @@
 # cut short or skipped when time runs out.
 #
 # Logs and the benchmark's JSON go to $OUT when it is set (the device tool brings that folder back),
-# else to a fresh temporary folder. Without pydantic on the machine, wheels for it placed in
-# ./gpu-wheels (git-ignored; copied from shared/gpu-wheels) are installed to a scratch path first.
+# else to a fresh temporary folder. Without pydantic or pytest-benchmark on the machine, wheels placed
+# in ./gpu-wheels (git-ignored: pydantic's, and pytest-benchmark's with py-cpuinfo, fetched with
+# `pip download --no-deps -d gpu-wheels pytest-benchmark py-cpuinfo` on a machine with an index) are
+# installed to a scratch path first; the pytest-benchmark suite (stage bench-py) runs when it can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -26,7 +28,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
-if ! "$PY" -c "import pydantic" 2>/dev/null && compgen -G "gpu-wheels/*.whl" > /dev/null; then
+if ! "$PY" -c "import pydantic, pytest_benchmark" 2>/dev/null && compgen -G "gpu-wheels/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/recap-site gpu-wheels/*.whl \
     && export PYTHONPATH=/tmp/recap-site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -63,6 +65,12 @@ stage bench 120 "$PY" -m recap_kernels bench --device cuda --json "$OUT/bench.js
 stage tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests --ignore tests/test_cuda_ops.py \
   --ignore tests/test_cuda_embedding.py \
   -k "not (test_equivalence and cuda)" || status=1
+if "$PY" -c "import pytest_benchmark" 2>/dev/null; then  # the saved GPU run for bench/results (make bench's suite)
+  stage bench-py 120 "$PY" -m pytest bench -p no:cacheprovider --bench-device cuda -q -k "not train" \
+    --benchmark-autosave "--benchmark-storage=file://$OUT/bench-results" || status=1
+else
+  echo "bench-py skipped: no pytest-benchmark (see gpu-wheels above)" >> "$SUMMARY"
+fi
 SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
 if [ -x "$SANITIZER" ]; then
   stage memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 \
