@@ -20,8 +20,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-# The contender each suite's speed-ups are relative to.
-BASELINES = {"kernels": "torch-fused", "recap": "torch-fused", "embedding": "torch-sparse"}
+# The contender each suite's speed-ups are relative to: torch's fused step, or for tables the reference
+# of each family (torch's sparse Adagrad; the torch backend's row-wise Adagrad, torch has none).
+BASELINES = {"kernels": "torch-fused", "recap": "torch-fused",
+             ("embedding", "adagrad"): "torch-sparse", ("embedding", "rowwise"): "recap-torch rowwise"}
+
+
+def baseline(suite: str | None, optimizer: str | None) -> str:
+    return BASELINES.get((suite, optimizer)) or BASELINES.get(suite or "recap", "torch-fused")
 
 
 def rows_from_pytest_benchmark(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,9 +49,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     optimizer; ``baseline`` names it. Rows without a baseline in the same run get NaN."""
     p50 = {(r.get("suite"), r.get("workload"), r.get("optimizer"), r["contender"]): r["p50"] for r in rows}
     for r in rows:
-        baseline = BASELINES.get(r.get("suite", "recap"), "torch-fused")
-        reference = p50.get((r.get("suite"), r.get("workload"), r.get("optimizer"), baseline))
-        r["baseline"] = baseline
+        r["baseline"] = baseline(r.get("suite"), r.get("optimizer"))
+        reference = p50.get((r.get("suite"), r.get("workload"), r.get("optimizer"), r["baseline"]))
         r["speedup"] = reference / r["p50"] if reference else float("nan")
         if r.get("bytes") and r.get("roofline_gbps") and "gbps" not in r:
             r["gbps"] = r["bytes"] / (r["p50"] * 1e6)
