@@ -3,7 +3,8 @@
 #   make bench   the main job: the pytest-benchmark suite of bench/, saved under bench/results/, then its
 #                summary table, rows (JSON) and plot (PNG) beside the saved run (bench/README.md)
 #   make bench BENCH_COMPARE=0001   the same, compared with saved run 0001: fails when a benchmark's
-#                median is more than BENCH_THRESHOLD slower (default 50%: this machine is shared and noisy)
+#                fastest round is more than BENCH_THRESHOLD slower (default 200%, for shared machines:
+#                see bench/README.md; 10% suits a dedicated one)
 # Both create .venv when it is missing (torch, triton and this package with its test and bench extras),
 # and reuse it when it is there; edits to setup.py, pyproject.toml or csrc/ rebuild the package.
 
@@ -15,7 +16,7 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h
 BENCH_ARGS ?=
 BENCH_RESULTS ?= bench/results
 BENCH_COMPARE ?=
-BENCH_THRESHOLD ?= 50%
+BENCH_THRESHOLD ?= 200%
 
 .PHONY: test bench info install clean
 
@@ -25,7 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-autosave --benchmark-storage=file://$(BENCH_RESULTS) \
 	  --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
-	  $(if $(BENCH_COMPARE),--benchmark-compare=$(BENCH_COMPARE) --benchmark-compare-fail=median:$(BENCH_THRESHOLD)) \
+	  $(if $(BENCH_COMPARE),--benchmark-compare=$(BENCH_COMPARE) --benchmark-compare-fail=min:$(BENCH_THRESHOLD)) \
 	  $(BENCH_ARGS)
 	$(PY) -m recap_kernels.bench.report $(BENCH_RESULTS)
 
