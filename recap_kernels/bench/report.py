@@ -133,7 +133,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
     first = rows[0]
     fig.suptitle(f"recap_kernels: {first.get('device_name', '?')}, torch {first.get('torch', '?')}, "
                  f"git {first.get('git_sha') or '?'}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
