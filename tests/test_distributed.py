@@ -4,7 +4,8 @@ spawned per test, each training its part and comparing with torch.optim on the s
 DDP averages gradients before the step, so every rank must end with torch.optim's parameters and
 state; ZeroRedundancyOptimizer shards the parameters over the ranks and passes ``backend=`` through
 to the optimizer it builds for each shard, and ``consolidate_state_dict`` gathers a state dict
-torch.optim loads. (FSDP2 / DTensor parameters are not handled yet.)
+torch.optim loads. FSDP2 (DTensor shards) trains under ``backend="auto"`` through the torch backend; the
+kernel backends refuse DTensors with a clear error (they do not take them yet).
 """
 
 from __future__ import annotations
@@ -62,8 +63,21 @@ def _worker(rank: int, port: int, kind: str, backend: str, out: str) -> None:
     try:
         torch.set_num_threads(1)
         results = {}
-        for name, cls, kwargs in (("ours", optim.AdamW, {"backend": backend}), ("torch", torch.optim.AdamW, {})):
+        contenders = (("ours", optim.AdamW, {"backend": backend}), ("torch", torch.optim.AdamW, {}))
+        for name, cls, kwargs in () if kind == "fsdp2-refused" else contenders:
             model = _model(0)
+            if kind == "fsdp2":  # every Linear sharded, then the root; the optimizer sees DTensor shards
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model:
+                    if isinstance(layer, torch.nn.Linear):
+                        fully_shard(layer)
+                fully_shard(model)
+                opt = cls(model.parameters(), lr=0.01, weight_decay=0.1, **kwargs)
+                _train(model, opt, _batches(rank))
+                results[name] = ([p.full_tensor().detach().clone() for p in model.parameters()],
+                                 sorted(getattr(opt, "backends_used", set)()))
+                continue
             if kind == "ddp":
                 wrapped = torch.nn.parallel.DistributedDataParallel(model)
                 opt = cls(wrapped.parameters(), lr=0.01, weight_decay=0.1, **kwargs)
@@ -78,6 +92,17 @@ def _worker(rank: int, port: int, kind: str, backend: str, out: str) -> None:
                 opt.consolidate_state_dict(to=0)
                 state = opt.state_dict() if rank == 0 else None
             results[name] = ([p.detach().clone() for p in model.parameters()], state)
+        if kind == "fsdp2-refused":  # a kernel backend named outright says why it cannot
+            try:
+                model = _model(0)
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(model)
+                opt = optim.AdamW(model.parameters(), backend=backend)
+                _train(model, opt, _batches(rank)[:1])
+                results["refused"] = ""
+            except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+                results["refused"] = f"{type(exc).__name__}: {exc}"
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
@@ -121,3 +146,14 @@ def test_zero_redundancy_optimizer_shards_and_consolidates_like_torch_optim(back
     _assert_state_close(ours, ref)
     model = _model(0)
     torch.optim.AdamW(model.parameters(), lr=0.01).load_state_dict(ours)
+
+
+def test_fsdp2_trains_under_auto_and_kernel_backends_refuse_dtensors():
+    ranks = _run("fsdp2", "auto")
+    for result in ranks:
+        for p, q in zip(result["ours"][0], result["torch"][0]):
+            torch.testing.assert_close(p, q)
+        assert result["ours"][1] == ["torch"]
+    for backend in BACKENDS[1:2]:  # one kernel backend is enough for the message
+        for result in _run("fsdp2-refused", backend):
+            assert result["refused"].startswith("BackendUnavailableError") and "DTensors" in result["refused"]

@@ -39,6 +39,7 @@ STRIDED = "strided"  # a non-contiguous parameter, gradient or state tensor: the
 SPARSE = "sparse"  # a sparse COO gradient of whole rows (sparse_dim 1) of a contiguous table: the table kernels
 SPARSE_OTHER = "other-sparse"  # any other sparse COO gradient, or a non-contiguous table: the torch backend's job
 OVERLAPPING = "overlapping"  # contiguous, but some tensors share memory: updated in order, by torch
+DTENSOR = "dtensor"  # DTensor parameters (FSDP2's shards): torch's DTensor-aware paths, the torch backend
 
 
 class BucketKey(NamedTuple):
@@ -64,6 +65,8 @@ def kernel_supports(kernels: str, key: BucketKey, groups) -> Availability:
 
     ``kernels`` names them in the reason (e.g. "the Triton kernels").
     """
+    if key.layout == DTENSOR:
+        return Availability(False, f"{kernels} take plain tensors, not DTensors (FSDP2's sharded parameters) yet")
     if key.layout == OVERLAPPING:
         return Availability(False, f"{kernels} update tensors in parallel, and some of these parameters or "
                                    f"their states share memory: they are updated one after another, in order")

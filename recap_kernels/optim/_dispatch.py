@@ -56,7 +56,15 @@ import torch
 from torch import Tensor
 
 from recap_kernels.backends import ENV_VAR, Backend, Bucket, BucketKey, check_backend_name, resolve
-from recap_kernels.backends._base import CONTIGUOUS, OVERLAPPING, SPARSE, SPARSE_OTHER, STRIDED, state_names
+from recap_kernels.backends._base import (
+    CONTIGUOUS,
+    DTENSOR,
+    OVERLAPPING,
+    SPARSE,
+    SPARSE_OTHER,
+    STRIDED,
+    state_names,
+)
 from recap_kernels.optim._observed import ObservedList, ObservedState, mutations, observed_state
 
 log = logging.getLogger("recap_kernels")
@@ -72,6 +80,16 @@ _KERNEL_DEVICES = ("cpu", "cuda")
 _grad_of = attrgetter("grad")
 # Plans kept per optimizer (see FusedStepMixin._plan).
 _MAX_PLANS = 4
+
+
+try:  # FSDP2's sharded parameters: layout DTENSOR, which the kernel backends do not take yet
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = ()
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return isinstance(t, _DTensor)
 
 
 def _environment() -> tuple:
@@ -290,6 +308,8 @@ class FusedStepMixin:
             raise RuntimeError(f"{where} has state without 'step'")
 
     def _layout(self, p: Tensor, grad: Tensor, state: dict | None, tracing: bool) -> str:
+        if _is_dtensor(p):
+            return DTENSOR
         states = [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
         if grad.is_sparse:  # whole rows of a contiguous table go to the table kernels (Note [Table steps])
             whole_rows = grad.sparse_dim() == 1 and p.dim() >= 1 and p.is_contiguous()
