@@ -265,6 +265,17 @@ def check_row_indices(params: list[Tensor], grads: list[Tensor]) -> None:
                                  f"row indices from {int(low)} to {int(high)}: out of range")
 
 
+def step_tables(kind: str, bucket: Bucket, sparse_adagrad, rowwise_adagrad, *, grad_scale, found_inf) -> None:
+    """A kernel backend's table step (Note [Table steps]): one call of its sparse or row-wise Adagrad
+    per run, with the arguments of the table ops (Note [Table ops] in csrc/ops.cpp)."""
+    table_step = rowwise_adagrad if kind == "rowwise_adagrad" else sparse_adagrad
+    for run in bucket.runs:
+        hyper, lr_tensors = run.hyper
+        (sums,) = bucket.run_states(kind, run)
+        table_step(bucket.params[run.part], bucket.grads[run.part], sums, bucket.steps[run.part], run.sizes, hyper,
+                   lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
+
+
 def gather_runs(kind: str, bucket: Bucket) -> str:
     """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (table steps and
     traced steps, which have none, read them as a list), then every run's :func:`hyper_rows`."""

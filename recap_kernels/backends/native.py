@@ -44,6 +44,7 @@ from recap_kernels.backends._base import (
     is_table_step,
     kernel_supports,
     kernel_switches,
+    step_tables,
     table_supports,
 )
 from recap_kernels.backends._bound import bound_bucket
@@ -153,12 +154,8 @@ class NativeBackend:
     def step(self, kind: str, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         grad_scale, found_inf = amp_on_device(bucket.key.device, grad_scale, found_inf)
         if is_table_step(kind, bucket.key):
-            table_op = _ops.fused_rowwise_adagrad_ if kind == "rowwise_adagrad" else _ops.fused_sparse_adagrad_
-            for run in bucket.runs:
-                hyper, lr_tensors = run.hyper
-                (sums,) = bucket.run_states(kind, run)
-                table_op(bucket.params[run.part], bucket.grads[run.part], sums, bucket.steps[run.part], run.sizes,
-                         hyper, lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
+            step_tables(kind, bucket, _ops.fused_sparse_adagrad_, _ops.fused_rowwise_adagrad_, grad_scale=grad_scale,
+                        found_inf=found_inf)
             return
         for run in bucket.runs:
             hyper, lr_tensors = run.hyper

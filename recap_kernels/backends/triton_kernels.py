@@ -32,6 +32,7 @@ from recap_kernels.backends._base import (
     is_table_step,
     kernel_supports,
     kernel_switches,
+    step_tables,
     table_supports,
 )
 
@@ -75,14 +76,9 @@ class TritonBackend:
         return self._importable()
 
     def supports(self, kind: str, key: BucketKey, groups) -> Availability:
-        if is_table_step(kind, key):
-            return table_supports("the Triton kernels", kind, key, groups, self._table_kernels())
+        if is_table_step(kind, key):  # _triton/embedding.py ships with the dense kernels
+            return table_supports("the Triton kernels", kind, key, groups, OK)
         return kernel_supports("the Triton kernels", key, groups)
-
-    def _table_kernels(self) -> Availability:
-        if importlib.util.find_spec("recap_kernels._triton.embedding") is None:
-            return Availability(False, "this version has no Triton kernels for embedding tables")
-        return OK
 
     def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
         bucket.runs = bucket.split_runs(kernel_switches(kind))
@@ -101,12 +97,8 @@ class TritonBackend:
         if is_table_step(kind, bucket.key):  # Note [Table steps]
             from recap_kernels._triton import embedding
 
-            table_step = embedding.rowwise_adagrad_step if kind == "rowwise_adagrad" else embedding.sparse_adagrad_step
-            for run in bucket.runs:
-                hyper, lr_tensors = run.hyper
-                (sums,) = bucket.run_states(kind, run)
-                table_step(bucket.params[run.part], bucket.grads[run.part], sums, bucket.steps[run.part], run.sizes,
-                           hyper, lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
+            step_tables(kind, bucket, embedding.sparse_adagrad_step, embedding.rowwise_adagrad_step,
+                        grad_scale=grad_scale, found_inf=found_inf)
             return
         for run in bucket.runs:
             if run.bound is not None:

@@ -79,7 +79,15 @@ def contenders(optimizer: str, device: torch.device, backends: list[str] | None 
     return table
 
 
-def _groups(params: list[torch.Tensor], count: int) -> list[dict[str, Any]]:
+def workload_tensors(workload: BucketWorkload, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(params, grads)``: the workload's start and its gradients, the same for every contender and run."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    params = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
+    grads = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
+    return params, grads
+
+
+def param_groups(params: list[torch.Tensor], count: int) -> list[dict[str, Any]]:
     # Eleven learning rates, as the recap towers have: a multi-tensor kernel must read them per tensor.
     return [{"params": params[i::count], "lr": 1e-3 * (1 + i / count)} for i in range(min(count, len(params)))]
 
@@ -128,9 +136,7 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
     Contenders run one after another on one set of buffers (the parameters are reset from a saved
     copy), so a 1e9-parameter bucket needs room for one optimizer's state at a time.
     """
-    gen = torch.Generator(device=device).manual_seed(1)
-    params = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
-    grads = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
+    params, grads = workload_tensors(workload, device)
     initial = [p.clone() for p in params]
     reference_final: list[torch.Tensor] | None = None
     results = []
@@ -138,7 +144,7 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
         for p, p0, g in zip(params, initial, grads):
             p.copy_(p0)
             p.grad = g
-        opt = make(_groups(params, workload.groups))
+        opt = make(param_groups(params, workload.groups))
         timer = StepTimer(device)
         for i in range(warmup + steps):
             timer(opt.step, record=i >= warmup)

@@ -56,20 +56,13 @@ def kernel_contenders(device: torch.device) -> list[str]:
     return list(buckets.contenders("adam", device))
 
 
-def _kernel_tensors(workload: buckets.BucketWorkload, device: torch.device):
-    gen = torch.Generator(device=device).manual_seed(1)
-    params = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
-    grads = [torch.randn(n, device=device, generator=gen) for n in workload.sizes]
-    return params, grads
-
-
 def _kernel_run(workload: buckets.BucketWorkload, optimizer: str, contender: str, device: torch.device):
-    params, grads = _kernel_tensors(workload, device)
+    params, grads = buckets.workload_tensors(workload, device)
     for p, g in zip(params, grads):
         p.grad = g
     make = buckets.contenders(optimizer, device, backends=[contender.removeprefix("recap-")]
                               if contender.startswith("recap-") else [])[contender]
-    opt = make(buckets._groups(params, workload.groups))
+    opt = make(buckets.param_groups(params, workload.groups))
     for _ in range(CHECK_STEPS):
         opt.step()
     return params, opt
@@ -129,30 +122,18 @@ def embedding_contenders(device: torch.device) -> list[tuple[str, str]]:
     return embedding.contenders(device)
 
 
-def _embedding_setup(scale: float, touched: int, device: torch.device):
-    rows, dim = embedding.TABLES[device.type]
-    rows = max(1, int(rows * scale))
-    init = torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)).to(device)
-    return init, embedding.make_batches(rows, dim, touched, device)
-
-
 def _embedding_run(contender: str, scale: float, touched: int, device: torch.device):
-    init, batches = _embedding_setup(scale, touched, device)
-    make_opt, dense = embedding.optimizer_factory(contender)
-    table = init.clone().requires_grad_()
-    opt = make_opt([table])
-    grads = [b.sparse_grad(tuple(init.shape)) for b in batches]
-    if dense:
-        grads = [g.to_dense() for g in grads]
+    init = embedding.initial_table(device, scale)
+    batches = embedding.make_batches(*init.shape, touched, device)
+    table, step_batch = embedding.contender_stepper(init, contender, batches)
     counter = iter(range(1 << 62))
 
     def step() -> None:
-        table.grad = grads[next(counter) % len(grads)]
-        opt.step()
+        step_batch(next(counter))
 
     for _ in range(CHECK_STEPS):
         step()
-    return table, step, grads
+    return table, step, table.grad
 
 
 @functools.lru_cache(maxsize=2)
@@ -162,13 +143,13 @@ def _embedding_reference(family: str, scale: float, touched: int, device: torch.
 
 
 def embedding_case(family: str, contender: str, touched: int, device: torch.device, scale: float = 1.0) -> Case:
-    table, step, grads = _embedding_run(contender, scale, touched, device)
+    table, step, grad = _embedding_run(contender, scale, touched, device)  # grad: the last batch stepped
     check = "OK" if contender == embedding.REFERENCES[family] else embedding._check(
         table.detach(), _embedding_reference(family, scale, touched, device))
     rows, dim = table.shape
-    sparse = grads[0].coalesce() if grads[0].is_sparse else None
+    sparse = grad.coalesce() if grad.is_sparse else None
     unique = sparse._nnz() if sparse is not None else rows
-    nnz = grads[0]._nnz() if grads[0].is_sparse else rows
+    nnz = grad._nnz() if sparse is not None else rows
     sum_width = 1 if family == "rowwise" else dim
     # touched rows' weights and accumulators read and written, every gradient row and index read
     moved = 4 * (2 * unique * dim + 2 * unique * sum_width + nnz * dim) + (8 * nnz if sparse is not None else 0)

@@ -41,8 +41,8 @@ def _op_step(optimizer: str, workload: buckets.BucketWorkload, params, grads):
     from recap_kernels import _ops
 
     # buckets' groups take every count-th parameter; the op wants each group's tensors consecutive.
-    groups = [g["params"] for g in buckets._groups(params, workload.groups)]
-    lrs = [g["lr"] for g in buckets._groups(params, workload.groups)]
+    groups = [g["params"] for g in buckets.param_groups(params, workload.groups)]
+    lrs = [g["lr"] for g in buckets.param_groups(params, workload.groups)]
     order = {id(p): i for i, p in enumerate(params)}
     flat = [p for group in groups for p in group]
     flat_grads = [grads[order[id(p)]] for p in flat]
@@ -63,9 +63,7 @@ def _op_step(optimizer: str, workload: buckets.BucketWorkload, params, grads):
 
 def _op_result(workload: buckets.BucketWorkload, optimizer: str, reference: list[torch.Tensor] | None,
                steps: int, warmup: int) -> buckets.BucketResult:
-    gen = torch.Generator(device=DEVICE).manual_seed(1)  # the same start and gradients as run_workload
-    params = [torch.randn(n, generator=gen) for n in workload.sizes]
-    grads = [torch.randn(n, generator=gen) for n in workload.sizes]
+    params, grads = buckets.workload_tensors(workload, DEVICE)  # the same start and gradients as run_workload
     step = _op_step(optimizer, workload, params, grads)
     timer = StepTimer(DEVICE)
     for i in range(warmup + steps):
@@ -77,12 +75,10 @@ def _op_result(workload: buckets.BucketWorkload, optimizer: str, reference: list
 
 def _reference_final(workload: buckets.BucketWorkload, optimizer: str, steps: int) -> list[torch.Tensor]:
     """torch's single-tensor path after ``steps`` steps from the benchmark's start (the check)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    params = [torch.randn(n, generator=gen) for n in workload.sizes]
-    grads = [torch.randn(n, generator=gen) for n in workload.sizes]
+    params, grads = buckets.workload_tensors(workload, DEVICE)
     for p, g in zip(params, grads):
         p.grad = g
-    opt = buckets.contenders(optimizer, DEVICE, backends=[])["torch-single"](buckets._groups(params, workload.groups))
+    opt = buckets.contenders(optimizer, DEVICE, backends=[])["torch-single"](buckets.param_groups(params, workload.groups))
     for _ in range(steps):
         opt.step()
     return [p.detach() for p in params]

@@ -98,7 +98,17 @@ def _check(table: torch.Tensor, reference: torch.Tensor) -> str:
     return "OK"
 
 
-def _optimizer_contender(init: torch.Tensor, make_opt, batches, dense: bool, device, steps, warmup):
+def initial_table(device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """The table every contender starts from: :data:`TABLES`'s shape, rows times ``scale``."""
+    rows, dim = TABLES[device.type]
+    rows = max(1, int(rows * scale))
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def contender_stepper(init: torch.Tensor, contender: str, batches: list[Batch]):
+    """``(table, step)``: a copy of ``init`` under the contender's optimizer, and ``step(i)``, which
+    sets batch ``i``'s gradient (made dense for a dense contender) and steps."""
+    make_opt, dense = optimizer_factory(contender)
     table = init.clone().requires_grad_()
     opt = make_opt([table])
     grads = [b.sparse_grad(tuple(init.shape)) for b in batches]
@@ -109,8 +119,7 @@ def _optimizer_contender(init: torch.Tensor, make_opt, batches, dense: bool, dev
         table.grad = grads[i % len(grads)]
         opt.step()
 
-    samples = _time_steps(device, step, steps, warmup)
-    return table.detach(), samples
+    return table, step
 
 
 def _fbgemm_contender(init: torch.Tensor, optimizer: str, batches, device, steps, warmup):
@@ -191,17 +200,17 @@ def run_embedding_suite(device: torch.device, *, steps: int = 10, warmup: int = 
     """Every contender on every touched count; ``scale`` shrinks the table's rows (tests, quick runs)."""
     # torch.optim.Adagrad's sparse step builds sparse tensors without invariant checks, and says so.
     warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
-    rows, dim = TABLES[device.type]
-    rows = max(1, int(rows * scale))
-    init = torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)).to(device)
+    init = initial_table(device, scale)
+    rows, dim = init.shape
     fbgemm = device.type == "cpu" and _have_fbgemm()
     results = []
     for n in touched:
         batches = make_batches(rows, dim, n, device)
         references: dict[str, torch.Tensor] = {}
         for family, contender in contenders(device):
-            make_opt, dense = optimizer_factory(contender)
-            table, samples = _optimizer_contender(init, make_opt, batches, dense, device, steps, warmup)
+            table, step = contender_stepper(init, contender, batches)
+            samples = _time_steps(device, step, steps, warmup)
+            table = table.detach()
             if family not in references:
                 references[family] = table
                 check = "OK (reference)"

@@ -101,7 +101,7 @@ class RowWiseAdagrad(FusedStepMixin, torch.optim.Optimizer):
         # Parameters added after construction start from the optimizer's default
         # initial_accumulator_value, as torch.optim.Adagrad's do.
         return {"step": new_step(p, on_device=self._step_on_device(group, p)),
-                "sum": torch.full((p.shape[0], 1), float(self.defaults["initial_accumulator_value"]),
+                "sum": torch.full(self._state_shape(p), float(self.defaults["initial_accumulator_value"]),
                                   dtype=p.dtype, device=p.device)}
 
     def step(self, closure=None):
