@@ -4,12 +4,14 @@
 // changes nothing.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace recap_kernels {
@@ -40,6 +42,24 @@ struct Table {
 std::vector<Table> table_call(const char* op, bool rowwise, c10::DeviceType device_type, at::TensorList params,
                               at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
                               at::IntArrayRef group_sizes, at::ArrayRef<double> hyper, size_t lr_tensors_size);
+
+// A device's table op: ``op`` (the schema's name, for messages), ``rowwise``, then the schema's arguments.
+using TableOp = void (*)(const char* op, bool rowwise, at::TensorList params, at::TensorList grads,
+                         at::TensorList state_sums, at::TensorList state_steps, at::IntArrayRef group_sizes,
+                         at::ArrayRef<double> hyper, const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                         bool maximize, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf);
+
+// The kernel a device registers for fused_sparse_adagrad_ (ROWWISE false) or fused_rowwise_adagrad_
+// (true): the schema's arguments, passed to its TableOp.
+template <TableOp OP, bool ROWWISE>
+void table_op_kernel(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                     at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
+                     const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  OP(ROWWISE ? "fused_rowwise_adagrad_" : "fused_sparse_adagrad_", ROWWISE, params, grads, state_sums, state_steps,
+     group_sizes, hyper, lr_tensors, maximize, grad_scale, found_inf);
+}
 
 // After the kernels: the unscaled values of gradients that were copied to be contiguous, back where
 // the gradient keeps them; and the version counters of everything written (Note [Version counters]).

@@ -357,24 +357,6 @@ void table_op(const char* op, bool rowwise, at::TensorList params, at::TensorLis
   finish_table_call(tables, params, grads, state_sums, state_steps, amp.grad_scale != nullptr);
 }
 
-void fused_sparse_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                              at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
-                              const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
-                              const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
-  table_op("fused_sparse_adagrad_", false, params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors,
-           maximize, grad_scale, found_inf);
-}
-
-void fused_rowwise_adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                               at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
-                               const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
-                               const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf) {
-  table_op("fused_rowwise_adagrad_", true, params, grads, state_sums, state_steps, group_sizes, hyper, lr_tensors,
-           maximize, grad_scale, found_inf);
-}
-
 }  // namespace
 
 // Note [Table op dispatch]
@@ -383,13 +365,13 @@ void fused_rowwise_adagrad_cpu(at::TensorList params, at::TensorList grads, at::
 // gradients goes to the SparseCPU kernel and one with dense gradients only (row-wise Adagrad) to the
 // CPU kernel. Both are this one function.
 TORCH_LIBRARY_IMPL(recap_kernels, CPU, m) {
-  m.impl("fused_sparse_adagrad_", &fused_sparse_adagrad_cpu);
-  m.impl("fused_rowwise_adagrad_", &fused_rowwise_adagrad_cpu);
+  m.impl("fused_sparse_adagrad_", &table_op_kernel<&table_op, false>);
+  m.impl("fused_rowwise_adagrad_", &table_op_kernel<&table_op, true>);
 }
 
 TORCH_LIBRARY_IMPL(recap_kernels, SparseCPU, m) {
-  m.impl("fused_sparse_adagrad_", &fused_sparse_adagrad_cpu);
-  m.impl("fused_rowwise_adagrad_", &fused_rowwise_adagrad_cpu);
+  m.impl("fused_sparse_adagrad_", &table_op_kernel<&table_op, false>);
+  m.impl("fused_rowwise_adagrad_", &table_op_kernel<&table_op, true>);
 }
 
 }  // namespace recap_kernels::cpu

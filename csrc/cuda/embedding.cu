@@ -44,36 +44,18 @@ struct TableCudaLaunch : CudaLaunch {
   }
 };
 
-void fused_sparse_adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                               at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
-                               const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
-                               const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf) {
-  table_op<TableCudaLaunch>("fused_sparse_adagrad_", false, params, grads, state_sums, state_steps, group_sizes,
-                            hyper, lr_tensors, maximize, grad_scale, found_inf);
-}
-
-void fused_rowwise_adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                                at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> hyper,
-                                const c10::List<std::optional<at::Tensor>>& lr_tensors, bool maximize,
-                                const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf) {
-  table_op<TableCudaLaunch>("fused_rowwise_adagrad_", true, params, grads, state_sums, state_steps, group_sizes,
-                            hyper, lr_tensors, maximize, grad_scale, found_inf);
-}
-
 }  // namespace
 
 // A sparse gradient carries SparseCUDA, which outranks CUDA (Note [Table op dispatch] in
 // ../cpu/embedding.cpp): both keys get the same functions.
 TORCH_LIBRARY_IMPL(recap_kernels, CUDA, m) {
-  m.impl("fused_sparse_adagrad_", &fused_sparse_adagrad_cuda);
-  m.impl("fused_rowwise_adagrad_", &fused_rowwise_adagrad_cuda);
+  m.impl("fused_sparse_adagrad_", &table_op_kernel<&table_op<TableCudaLaunch>, false>);
+  m.impl("fused_rowwise_adagrad_", &table_op_kernel<&table_op<TableCudaLaunch>, true>);
 }
 
 TORCH_LIBRARY_IMPL(recap_kernels, SparseCUDA, m) {
-  m.impl("fused_sparse_adagrad_", &fused_sparse_adagrad_cuda);
-  m.impl("fused_rowwise_adagrad_", &fused_rowwise_adagrad_cuda);
+  m.impl("fused_sparse_adagrad_", &table_op_kernel<&table_op<TableCudaLaunch>, false>);
+  m.impl("fused_rowwise_adagrad_", &table_op_kernel<&table_op<TableCudaLaunch>, true>);
 }
 
 }  // namespace recap_kernels::cuda
