@@ -49,7 +49,7 @@ def bench_small(pytestconfig) -> bool:
 def roofline(bench_device) -> dict[str, float]:
     """The memory roofline of this device, measured once per session (copy on CUDA, in-place STREAM on CPU)."""
     measured = buckets.measure_roofline(bench_device)
-    key = "copy_gbps" if bench_device.type == "cuda" else "stream_gbps"
+    key = buckets.roofline_key(bench_device)
     return {**measured, "roofline": key.removesuffix("_gbps"), "roofline_gbps": measured[key]}
 
 

@@ -107,6 +107,12 @@ def measure_roofline(device: torch.device, numel: int | None = None, repeats: in
     }
 
 
+def roofline_key(device: torch.device) -> str:
+    """Which of :func:`measure_roofline`'s figures is the device's roofline: the copy on CUDA, the in-place
+    STREAM on CPU (where a copy's write-allocate traffic would hide)."""
+    return "copy_gbps" if device.type == "cuda" else "stream_gbps"
+
+
 @dataclass
 class BucketResult:
     workload: str
@@ -163,7 +169,7 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
 def rows(results: list[BucketResult], roofline: dict[str, float], device: torch.device,
          environment: dict[str, Any]) -> list[dict[str, Any]]:
     """Long-format rows, the same fields as the recap workload's where they apply."""
-    reference_key = "copy_gbps" if device.type == "cuda" else "stream_gbps"
+    reference_key = roofline_key(device)
     fused = {(r.workload, r.optimizer): quantiles(r.samples_ms)[0] for r in results if r.contender == "torch-fused"}
     host = {(r.optimizer, r.contender): quantiles(r.samples_ms)[0] for r in results if r.workload == "tiny"}
     out = []

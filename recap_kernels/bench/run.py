@@ -293,8 +293,9 @@ def run(
         problems = [] if model is reference_model else _compare(model, reference_model)
         used = optimizer.backends_used()
         expected = contender.expected_backends
-        if getattr(optimizer, "embedding", None) is not None and getattr(optimizer.embedding, "_backend_request", None) == "auto":
-            expected = expected | optimizer.embedding.backends_used()  # tables its backend cannot run (_recap)
+        embedding = getattr(optimizer, "embedding", None)
+        if getattr(embedding, "backend", None) == "auto":  # tables its backend cannot run (_recap)
+            expected = expected | embedding.backends_used()
         if used != expected:
             problems.insert(0, f"backends_used() is {sorted(used)}, expected {sorted(expected)}")
         report.results.append(Result(contender, timer.samples_ms(), Traffic.of(optimizer), used, problems,
