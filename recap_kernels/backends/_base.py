@@ -39,7 +39,8 @@ STRIDED = "strided"  # a non-contiguous parameter, gradient or state tensor: the
 SPARSE = "sparse"  # a sparse COO gradient of whole rows (sparse_dim 1) of a contiguous table: the table kernels
 SPARSE_OTHER = "other-sparse"  # any other sparse COO gradient, or a non-contiguous table: the torch backend's job
 OVERLAPPING = "overlapping"  # contiguous, but some tensors share memory: updated in order, by torch
-DTENSOR = "dtensor"  # DTensor parameters (FSDP2's shards): torch's DTensor-aware paths, the torch backend
+SHARDED = "sharded"  # DTensors whose local shards a kernel can step (Note [Sharded parameters])
+DTENSOR = "dtensor"  # any other DTensor parameter: torch's DTensor-aware paths, the torch backend
 
 
 class BucketKey(NamedTuple):
@@ -66,11 +67,12 @@ def kernel_supports(kernels: str, key: BucketKey, groups) -> Availability:
     ``kernels`` names them in the reason (e.g. "the Triton kernels").
     """
     if key.layout == DTENSOR:
-        return Availability(False, f"{kernels} take plain tensors, not DTensors (FSDP2's sharded parameters) yet")
+        return Availability(False, f"{kernels} step the local shards of DTensors whose gradient and state share "
+                                   f"the parameter's mesh and placements and are contiguous, which these are not")
     if key.layout == OVERLAPPING:
         return Availability(False, f"{kernels} update tensors in parallel, and some of these parameters or "
                                    f"their states share memory: they are updated one after another, in order")
-    if key.layout != CONTIGUOUS:
+    if key.layout not in (CONTIGUOUS, SHARDED):
         return Availability(False, f"{kernels} take contiguous dense tensors, not {key.layout} ones")
     return _kernel_dtype_and_autograd(kernels, key, groups)
 
@@ -187,7 +189,8 @@ class Bucket:
     such state, e.g. ``max_exp_avg_sq`` without amsgrad); ``steps`` are the ``state["step"]`` tensors.
     ``runs`` split it by the backend's compile-time switches. ``grads`` are this step's gradients
     where a backend reads them in Python (the torch backend, traced steps); ``planned`` is what a
-    backend recorded when the plan was built, to check at each gather.
+    backend recorded when the plan was built, to check at each gather. ``sources`` are the DTensor
+    parameters of a SHARDED bucket whose ``params`` are their local shards (Note [Sharded parameters]).
     """
 
     key: BucketKey
@@ -199,6 +202,7 @@ class Bucket:
     state: dict[str, list[Tensor]] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     planned: Any = None
+    sources: list[Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -277,12 +281,17 @@ def step_tables(kind: str, bucket: Bucket, sparse_adagrad, rowwise_adagrad, *, g
 
 
 def gather_runs(kind: str, bucket: Bucket) -> str:
-    """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (table steps and
-    traced steps, which have none, read them as a list), then every run's :func:`hyper_rows`."""
+    """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (table steps,
+    traced steps and sharded buckets, which have none, read them as a list), then every run's
+    :func:`hyper_rows`."""
     for run in bucket.runs:
         if run.bound is not None and run.bound.gather() != 0:
             return run.bound.change()
-    if bucket.runs[0].bound is None:
+    if bucket.key.layout == SHARDED:
+        change = _gather_shards(bucket)
+        if change:
+            return change
+    elif bucket.runs[0].bound is None:
         grads = [p.grad for p in bucket.params]
         if any(g is None for g in grads):
             return f"a parameter of {bucket.key} has no gradient"
@@ -294,6 +303,71 @@ def gather_runs(kind: str, bucket: Bucket) -> str:
     for run in bucket.runs:
         run.hyper = hyper_rows(kind, run.groups, bucket.key.device)
     return ""
+
+
+# Note [Sharded parameters]
+# FSDP2 (``fully_shard``) hands the optimizer DTensor parameters: each rank holds a shard of every
+# parameter, of its gradient (reduce-scattered) and of its state (``zeros_like`` of a DTensor is a
+# DTensor with the same mesh and placements). Adam's and Adagrad's updates are elementwise, so a rank's
+# update of its shards needs nothing from the other ranks: the kernel backends step the *local* tensors
+# (``to_local()``: the shards themselves, no copy) in their usual one launch per bucket, while the
+# optimizer's state stays DTensors, which is what torch.distributed.checkpoint reads and writes. We
+# unwrap rather than register sharding strategies for our ops with DTensor: the ops would then need a
+# strategy per op and schema, DTensor's dispatch would add per-tensor Python to every step, and what it
+# would decide is always "run on the local shards" for these elementwise updates.
+# Unwrapping is only right when every tensor of a parameter is sharded the same way: the plan sends a
+# DTensor parameter to these kernels (layout SHARDED) only when its gradient and every state tensor are
+# DTensors on the parameter's mesh with its placements, and every local tensor is contiguous (FSDP2's
+# Shard(0) shards are); anything else (another placement, a Partial gradient, row-wise Adagrad, whose
+# row mean would need whole rows, sparse gradients) is layout DTENSOR, for the torch backend. Buckets
+# may mix meshes and placements: an elementwise update does not depend on them. A rank whose shard of a
+# parameter is empty (fewer rows than ranks) steps an empty tensor: nothing to update, but its step
+# counter advances, as torch's does. The step counters are plain 0-d tensors, as torch's fused path
+# keeps them. The gradients are read in Python at each gather (``to_local()`` of each DTensor gradient,
+# checked against the planned shard): a new DTensor every step, which the C++ bound buckets cannot read.
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """A DTensor's local tensor itself: what ``to_local()`` returns under no_grad, where newer torch wraps it
+    in a new Parameter at every call for a DTensor Parameter (no identity to check a plan against)."""
+    return t._local_tensor
+
+
+def unwrap_shards(bucket: Bucket) -> None:
+    """Swap a SHARDED bucket's DTensors for their local shards (Note [Sharded parameters]); the DTensor
+    parameters stay in ``bucket.sources``, where :func:`gather_runs` reads their gradients."""
+    bucket.sources = bucket.params
+    bucket.params = [local_shard(p) for p in bucket.params]
+    bucket.state = {name: [t if t is None else local_shard(t) for t in tensors] for name, tensors in bucket.state.items()}
+
+
+def _gather_shards(bucket: Bucket) -> str:
+    """This step's local gradients of a SHARDED bucket, checked against the planned shards."""
+    grads = []
+    for i, (source, local) in enumerate(zip(bucket.sources, bucket.params)):
+        g = source.grad
+        if g is None:
+            return f"params[{i}] of {bucket.key} has no gradient"
+        if local_shard(source) is not local:
+            return f"params[{i}] of {bucket.key} holds another local shard"
+        if not is_dtensor(g) or g.device_mesh != source.device_mesh or g.placements != source.placements:
+            return f"the gradient of params[{i}] of {bucket.key} is not sharded as its parameter"
+        g = local_shard(g)
+        if g.dtype != local.dtype or g.shape != local.shape or g.device != local.device or not g.is_contiguous():
+            return f"the local gradient of params[{i}] of {bucket.key} is not a contiguous shard like its parameter's"
+        grads.append(g)
+    bucket.grads = grads
+    return ""
+
+
+try:  # FSDP2's sharded parameters (Note [Sharded parameters])
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = ()
+
+
+def is_dtensor(t) -> bool:
+    return isinstance(t, _DTensor)
 
 
 def amp_on_device(device: torch.device, grad_scale: Tensor | None, found_inf: Tensor | None):

@@ -35,6 +35,7 @@ import torch
 from recap_kernels import _ext, _ops
 from recap_kernels.backends._base import (
     OK,
+    SHARDED,
     Availability,
     Bucket,
     BucketKey,
@@ -46,6 +47,7 @@ from recap_kernels.backends._base import (
     kernel_switches,
     step_tables,
     table_supports,
+    unwrap_shards,
 )
 from recap_kernels.backends._bound import bound_bucket
 
@@ -141,6 +143,9 @@ class NativeBackend:
         bucket.runs = bucket.split_runs(kernel_switches(kind))
         if is_table_step(kind, bucket.key):
             bind_table_step(bucket, tracing)
+            return
+        if bucket.key.layout == SHARDED:  # the list ops on the local shards (Note [Sharded parameters])
+            unwrap_shards(bucket)
             return
         if tracing or not bind_buckets:
             return

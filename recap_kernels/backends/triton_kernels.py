@@ -23,6 +23,7 @@ import torch
 
 from recap_kernels.backends._base import (
     OK,
+    SHARDED,
     Availability,
     Bucket,
     BucketKey,
@@ -34,6 +35,7 @@ from recap_kernels.backends._base import (
     kernel_switches,
     step_tables,
     table_supports,
+    unwrap_shards,
 )
 
 
@@ -84,6 +86,9 @@ class TritonBackend:
         bucket.runs = bucket.split_runs(kernel_switches(kind))
         if is_table_step(kind, bucket.key):
             bind_table_step(bucket, tracing)
+            return
+        if bucket.key.layout == SHARDED:  # the list ops on the local shards (Note [Sharded parameters])
+            unwrap_shards(bucket)
             return
         if not tracing:
             for run in bucket.runs:

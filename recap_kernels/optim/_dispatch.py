@@ -60,9 +60,12 @@ from recap_kernels.backends._base import (
     CONTIGUOUS,
     DTENSOR,
     OVERLAPPING,
+    SHARDED,
     SPARSE,
     SPARSE_OTHER,
     STRIDED,
+    is_dtensor,
+    local_shard,
     state_names,
 )
 from recap_kernels.optim._observed import ObservedList, ObservedState, mutations, observed_state
@@ -80,16 +83,6 @@ _KERNEL_DEVICES = ("cpu", "cuda")
 _grad_of = attrgetter("grad")
 # Plans kept per optimizer (see FusedStepMixin._plan).
 _MAX_PLANS = 4
-
-
-try:  # FSDP2's sharded parameters: layout DTENSOR, which the kernel backends do not take yet
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed
-    _DTensor = ()
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return isinstance(t, _DTensor)
 
 
 def _environment() -> tuple:
@@ -173,8 +166,10 @@ class FusedStepMixin:
         self._plans: OrderedDict[int, _Plan] = OrderedDict()  # recent plans, most recently used last
         self._plan_cache: _Plan | None = None  # the plan of the last step
         self._last_change = ""  # why the last plan was rebuilt (debugging, tests)
-        # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels
-        # unscale in place and skip an overflowing step without a host sync.
+        # GradScaler hands us grad_scale/found_inf instead of unscaling itself: the kernels unscale in
+        # place and skip an overflowing step without a host sync. ShardedGradScaler (FSDP2) too: its
+        # check runs on the DTensor gradients, whose found_inf DTensor agrees across ranks
+        # (tests/test_distributed.py overflows one rank's shard only).
         self._step_supports_amp_scaling = True
 
     @property
@@ -308,9 +303,9 @@ class FusedStepMixin:
             raise RuntimeError(f"{where} has state without 'step'")
 
     def _layout(self, p: Tensor, grad: Tensor, state: dict | None, tracing: bool) -> str:
-        if _is_dtensor(p):
-            return DTENSOR
         states = [t for k, t in (state or {}).items() if k != "step" and isinstance(t, Tensor)]
+        if is_dtensor(p):
+            return SHARDED if self._shards_alike(p, grad, states) else DTENSOR
         if grad.is_sparse:  # whole rows of a contiguous table go to the table kernels (Note [Table steps])
             whole_rows = grad.sparse_dim() == 1 and p.dim() >= 1 and p.is_contiguous()
             return SPARSE if whole_rows and all(t.is_contiguous() for t in states) else SPARSE_OTHER
@@ -322,6 +317,16 @@ class FusedStepMixin:
         if all(t.is_contiguous() for t in states) or (not tracing and all(t.layout == torch.strided for t in states)):
             return CONTIGUOUS
         return STRIDED
+
+    def _shards_alike(self, p: Tensor, grad: Tensor, states: list[Tensor]) -> bool:
+        """Whether the kernels can step this DTensor parameter on its local shards (Note [Sharded parameters]
+        in backends/_base.py): gradient and state sharded as ``p``, every local tensor contiguous.
+        State not made yet will be (``zeros_like(p)``). Row-wise Adagrad's row means need whole rows."""
+        if self._kind == "rowwise_adagrad" or grad.is_sparse:
+            return False
+        mesh, placements = p.device_mesh, p.placements
+        return all(is_dtensor(t) and t.device_mesh == mesh and t.placements == placements
+                   and local_shard(t).is_contiguous() for t in (p, grad, *states))
 
     def _build_plan(self, tracing: bool = False) -> _Plan:
         if not tracing and type(self.state) is not ObservedState:
@@ -347,9 +352,9 @@ class FusedStepMixin:
                 spans.append((gi, []))
             spans[-1][1].append(i)
         if not tracing:
-            for key in [k for k in members if k.layout == CONTIGUOUS and k.device.type in _KERNEL_DEVICES]:
-                written = [t for _, positions in members[key] for i in positions
-                           for t in (flat[i][1], *self._state_tensors(flat[i][1]))]
+            for key in [k for k in members if k.layout in (CONTIGUOUS, SHARDED) and k.device.type in _KERNEL_DEVICES]:
+                written = [local_shard(t) if key.layout == SHARDED else t for _, positions in members[key]
+                           for i in positions for t in (flat[i][1], *self._state_tensors(flat[i][1]))]
                 if _overlapping(written):
                     members[key._replace(layout=OVERLAPPING)] = members.pop(key)
         chosen = {
