@@ -99,7 +99,7 @@ def build_optimizer(
     if embedding_params:
         embedding = _embedding_optimizer({"params": embedding_params, "name": EMBEDDINGS}, emb_config,
                                          backend if embedding_backend is None else embedding_backend)
-        optimizer = CombinedOptimizer(optimizer, embedding)
+        optimizer = CombinedOptimizer(optimizer, embedding, param_names=dict(model.named_parameters()))
         lr_configs = [*dense_lrs, emb_config.learning_rate]
     return optimizer, RecapLRScheduler(optimizer, lr_configs)
 
@@ -187,19 +187,38 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     ``param_groups`` are the wrapped optimizers' own group dicts (dense first), so learning rates
     set here, by a scheduler or by hand, are the ones the wrapped optimizers use. ``state`` is a
-    read-only merged view of theirs; ``state_dict()`` is ``{"dense": ..., "embedding": ...}``.
+    read-only merged view of theirs; ``state_dict()`` is ``{"dense": ..., "embedding": ...}``, each
+    the wrapped optimizer's torch.optim state dict.
+
+    It also answers to torchrec's ``CombinedOptimizer`` / ``KeyedOptimizer`` conventions, so that a
+    training loop written for torchrec's optimizer takes this one: ``optimizers`` is
+    ``[("dense", ...), ("embedding", ...)]``; ``params`` maps ``prepend_opt_key(name, opt_key)``
+    (``"dense.towers.a.weight"``) to each parameter; :meth:`keyed_state_dict` is torchrec's state
+    dict (state keyed by those names; param groups too after ``save_param_groups(True)``), and
+    :meth:`load_state_dict` takes it as well as our own; :meth:`init_state` creates every state
+    before a checkpoint is loaded into it. What differs from torchrec: ``state_dict()`` stays
+    torch.optim's (keyed by position, what ``torch.save`` checkpoints and the schedulers expect);
+    ``zero_grad()`` sets gradients to None by default, as torch.optim does; loading a keyed state dict
+    replaces the state (torchrec copies into state that must already exist), so it also loads into
+    an optimizer that has not stepped; ``init_state`` steps with lr 0 (torchrec's steps with the lr
+    set), so it never moves a weight.
 
     Args:
         dense: the optimizer of the dense groups (the towers and the backbone).
         embedding: the optimizer of the embedding tables.
+        param_names: the parameters by name (``dict(model.named_parameters())``, as
+            :func:`build_optimizer` passes it), for the keyed names; without it a parameter is named by
+            its position in its optimizer (``"dense.3"``).
     """
 
-    def __init__(self, dense: torch.optim.Optimizer, embedding: torch.optim.Optimizer) -> None:
+    def __init__(self, dense: torch.optim.Optimizer, embedding: torch.optim.Optimizer, *,
+                 param_names: Mapping[str, Tensor] | None = None) -> None:
         # Not Optimizer.__init__: that would build a second state and register the groups again.
         # Only what the base class's hooks and profiling need is set up here.
-        super().__setstate__({"defaults": {}})
+        super().__setstate__({"defaults": {"_save_param_groups": False}})
         self.dense = dense
         self.embedding = embedding
+        self._param_names = dict(param_names or {})
         self._backends: set[str] = set()
 
     @property
@@ -233,9 +252,15 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return {"dense": self.dense.state_dict(), "embedding": self.embedding.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict`'s ``{"dense": ..., "embedding": ...}`` or :meth:`keyed_state_dict`'s
+        torchrec format (``{"state": {name: ...}}``, param groups optional)."""
+        if "state" in state_dict:
+            self._load_keyed(state_dict)
+            return
         if set(state_dict) != {"dense", "embedding"}:
             raise ValueError(
-                f"CombinedOptimizer loads a state_dict with keys 'dense' and 'embedding'; got {sorted(state_dict)}"
+                f"CombinedOptimizer loads a state_dict with keys 'dense' and 'embedding' (or torchrec's keyed "
+                f"'state'); got {sorted(state_dict)}"
             )
         self.dense.load_state_dict(state_dict["dense"])
         self.embedding.load_state_dict(state_dict["embedding"])
@@ -243,11 +268,100 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise TypeError("add the group to CombinedOptimizer.dense or .embedding, which own the param groups")
 
+    # -- torchrec's conventions -------------------------------------------------------------------
+    @property
+    def optimizers(self) -> list[tuple[str, torch.optim.Optimizer]]:
+        """``(key, optimizer)`` pairs, as torchrec's ``CombinedOptimizer.optimizers``."""
+        return [("dense", self.dense), ("embedding", self.embedding)]
+
+    @staticmethod
+    def prepend_opt_key(name: str, opt_key: str) -> str:
+        """torchrec's key of parameter ``name`` in the optimizer keyed ``opt_key``."""
+        if not name:
+            return opt_key
+        return opt_key + ("." if opt_key else "") + name
+
+    def _keyed(self) -> list[tuple[str, torch.optim.Optimizer, list[tuple[str, Tensor]]]]:
+        """Each optimizer with its parameters, in its own order, under their keyed names."""
+        names = {id(p): name for name, p in self._param_names.items()}
+        keyed = []
+        for opt_key, opt in self.optimizers:
+            params = [p for group in opt.param_groups for p in group["params"]]
+            keyed.append((opt_key, opt, [(self.prepend_opt_key(names.get(id(p), str(i)), opt_key), p)
+                                         for i, p in enumerate(params)]))
+        return keyed
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Every parameter under its keyed name (``"dense.towers.a.weight"``), as torchrec's ``params``."""
+        return {name: p for _, _, named in self._keyed() for name, p in named}
+
+    def save_param_groups(self, save: bool) -> None:
+        """Whether :meth:`keyed_state_dict` includes the param groups (torchrec's default: no)."""
+        self.defaults["_save_param_groups"] = bool(save)
+
+    def keyed_state_dict(self) -> dict[str, Any]:
+        """torchrec's ``KeyedOptimizer.state_dict()``: ``{"state": {name: state}}`` (and ``"param_groups"``,
+        each with ``"params"`` as sorted names, after ``save_param_groups(True)``)."""
+        state: dict[str, Any] = {}
+        groups = []
+        for _, opt, named in self._keyed():
+            by_param = {id(p): name for name, p in named}
+            for name, p in named:
+                if p in opt.state:
+                    state[name] = dict(opt.state[p])
+            for group in opt.param_groups:
+                groups.append({"params": sorted(by_param[id(p)] for p in group["params"]),
+                               **{k: v for k, v in group.items() if k != "params"}})
+        keyed: dict[str, Any] = {"state": state}
+        if self.defaults["_save_param_groups"]:
+            keyed["param_groups"] = groups
+        return keyed
+
+    def _load_keyed(self, keyed: Mapping[str, Any]) -> None:
+        """Load a keyed state dict through each optimizer's own ``load_state_dict`` (which converts and
+        checks it as for a torch.optim checkpoint): names to positions, groups matched by their names."""
+        unknown = set(keyed["state"]) - set(self.params)
+        if unknown:
+            raise ValueError(f"a keyed state dict has state for parameters this optimizer does not hold: "
+                             f"{sorted(unknown)[:5]}")
+        saved_groups = {tuple(group["params"]): group for group in keyed.get("param_groups", ())}
+        for _, opt, named in self._keyed():
+            position = {id(p): i for i, (_, p) in enumerate(named)}
+            name_of = {id(p): name for name, p in named}
+            groups = []
+            for group in opt.param_groups:
+                saved = saved_groups.get(tuple(sorted(name_of[id(p)] for p in group["params"])), {})
+                groups.append({**{k: v for k, v in group.items() if k != "params"},
+                               **{k: v for k, v in saved.items() if k != "params"},
+                               "params": [position[id(p)] for p in group["params"]]})
+            state = {position[id(p)]: keyed["state"][name] for name, p in named if name in keyed["state"]}
+            opt.load_state_dict({"state": state, "param_groups": groups})
+
+    def init_state(self, sparse_grad_parameter_names: set[str] | None = None) -> None:
+        """Create every parameter's state, as torchrec's ``init_state``, so that a checkpoint can be
+        loaded into it: one step with zero gradients (sparse ones for the names given) and lr 0, which
+        moves no weight; gradients are None afterwards. The step counters count that step, as torchrec's do."""
+        sparse = sparse_grad_parameter_names or set()
+        for name, p in self.params.items():
+            if p.requires_grad:
+                zeros = torch.zeros_like(p)
+                p.grad = zeros.to_sparse() if name in sparse else zeros
+        lrs = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = torch.zeros_like(group["lr"]) if torch.is_tensor(group["lr"]) else 0.0
+        try:
+            self.step()
+        finally:
+            for group, lr in zip(self.param_groups, lrs):
+                group["lr"] = lr
+            self.zero_grad(set_to_none=True)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"dense": self.dense, "embedding": self.embedding}
+        return {"dense": self.dense, "embedding": self.embedding, "param_names": self._param_names}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["dense"], state["embedding"])
+        self.__init__(state["dense"], state["embedding"], param_names=state.get("param_names"))
 
 
 def _backends_used(optimizer: torch.optim.Optimizer) -> set[str]:

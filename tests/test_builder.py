@@ -370,8 +370,10 @@ def test_combined_step_zero_grad_and_closure():
 
 def test_combined_optimizer_rejects_foreign_state_dicts_and_new_groups():
     optimizer, _ = build_optimizer(HeavyRanker(), _multi_task(), ADAGRAD)
-    with pytest.raises(ValueError, match=r"keys 'dense' and 'embedding'; got \['state'\]"):
-        optimizer.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match=r"keys 'dense' and 'embedding' \(or torchrec's keyed 'state'\); got \['model'\]"):
+        optimizer.load_state_dict({"model": {}})
+    with pytest.raises(ValueError, match=r"state for parameters this optimizer does not hold: \['dense.towers.x'\]"):
+        optimizer.load_state_dict({"state": {"dense.towers.x": {}}})
     with pytest.raises(TypeError, match=r"add the group to CombinedOptimizer\.dense or \.embedding"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
 
@@ -381,3 +383,70 @@ def test_combined_optimizer_survives_deepcopy():
     clone = copy.deepcopy(optimizer)
     assert [g["name"] for g in clone.param_groups] == [g["name"] for g in optimizer.param_groups]
     assert clone.param_groups[-1] is clone.embedding.param_groups[0]
+
+
+# -- torchrec's conventions -------------------------------------------------------------------------
+
+
+def test_combined_optimizer_names_parameters_as_torchrecs_combined_optimizer():
+    model = HeavyRanker()
+    optimizer, _ = build_optimizer(model, _multi_task(), ADAGRAD)
+    assert optimizer.optimizers == [("dense", optimizer.dense), ("embedding", optimizer.embedding)]
+    assert CombinedOptimizer.prepend_opt_key("towers.a.weight", "dense") == "dense.towers.a.weight"
+    assert CombinedOptimizer.prepend_opt_key("w", "") == "w" and CombinedOptimizer.prepend_opt_key("", "k") == "k"
+    named = dict(model.named_parameters())
+    expected = {("embedding." if name.startswith("embedding_bags") else "dense.") + name: p for name, p in named.items()}
+    assert optimizer.params.keys() == expected.keys()
+    assert all(optimizer.params[key] is p for key, p in expected.items())
+    # without names (built by hand), a parameter is named by its position in its optimizer
+    unnamed = CombinedOptimizer(optimizer.dense, optimizer.embedding)
+    assert list(unnamed.params)[:2] == ["dense.0", "dense.1"] and "embedding.0" in unnamed.params
+
+
+@pytest.mark.parametrize("save_param_groups", [False, True])
+def test_training_resumes_from_a_keyed_state_dict_with_identical_numbers(save_param_groups):
+    model = HeavyRanker()
+    resumed_model = copy.deepcopy(model)
+    batches = _batches(6, seed=2)
+    optimizer, scheduler = build_optimizer(model, _multi_task(), ADAGRAD)
+    _train(model, optimizer, scheduler, batches)
+
+    first, first_scheduler = build_optimizer(resumed_model, _multi_task(), ADAGRAD)
+    _train(resumed_model, first, first_scheduler, batches[:3])
+    first.save_param_groups(save_param_groups)
+    buffer = io.BytesIO()
+    torch.save(first.keyed_state_dict(), buffer)
+    buffer.seek(0)
+    keyed = torch.load(buffer, weights_only=True)
+    assert set(keyed) == ({"state", "param_groups"} if save_param_groups else {"state"})
+    assert set(keyed["state"]) == set(first.params)
+    assert keyed["state"]["embedding.embedding_bags.user.weight"].keys() == {"step", "sum"}
+    if save_param_groups:
+        assert keyed["param_groups"][-1]["params"] == ["embedding.embedding_bags.user.weight"]
+        assert [g["name"] for g in keyed["param_groups"]] == [g["name"] for g in first.param_groups]
+
+    second, second_scheduler = build_optimizer(resumed_model, _multi_task(), ADAGRAD)
+    second.init_state()  # as a torchrec loop does before loading in place; ours loads without it too
+    second.load_state_dict(keyed)
+    second_scheduler.load_state_dict(first_scheduler.state_dict())
+    if not save_param_groups:  # torchrec's default: the loop sets the groups again (here: the schedules' rates)
+        for group, lr in zip(second.param_groups, second_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+    _train(resumed_model, second, second_scheduler, batches[3:])
+    for (name, param), resumed_param in zip(model.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(param, resumed_param), name
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, second.state[resumed_param][key]), (name, key)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+def test_init_state_creates_every_state_without_moving_a_weight():
+    model = HeavyRanker(sparse=True)
+    optimizer, _ = build_optimizer(model, _multi_task(), {**ADAGRAD, "adagrad": {"mode": "sparse"}})
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.init_state({"embedding.embedding_bags.user.weight"})
+    assert len(optimizer.state) == len(before)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert [group["lr"] for group in optimizer.param_groups] == lrs
