@@ -48,8 +48,11 @@ def _model(seed: int) -> torch.nn.Module:
 
 
 def _batches(rank: int, out_features: int = 3):
+    """Each rank's batches, drawn on the CPU and moved to the default device (CUDA in the GPU test)."""
     gen = torch.Generator().manual_seed(100 + rank)
-    return [(torch.randn(16, 13, generator=gen), torch.randn(16, out_features, generator=gen)) for _ in range(STEPS)]
+    device = torch.get_default_device()
+    return [(torch.randn(16, 13, generator=gen, device="cpu").to(device),
+             torch.randn(16, out_features, generator=gen, device="cpu").to(device)) for _ in range(STEPS)]
 
 
 def _train(model, opt, batches):
@@ -204,11 +207,14 @@ _FSDP2_KINDS = {"fsdp2": _fsdp2, "fsdp2-checkpoint": _fsdp2_checkpoint, "fsdp2-a
                 "fsdp2-refused": _fsdp2_refused}
 
 
-def _worker(rank: int, port: int, kind: str, backend: str, out: str) -> None:
+def _worker(rank: int, port: int, kind: str, backend: str, out: str, world: int, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        torch.set_default_device(device)
         if kind in _FSDP2_KINDS:
             results = _FSDP2_KINDS[kind](rank, backend, out)
         else:
@@ -219,11 +225,12 @@ def _worker(rank: int, port: int, kind: str, backend: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _run(kind: str, backend: str) -> list[dict]:
+def _run(kind: str, backend: str, world: int = WORLD, device: str = "cpu") -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(_free_port(), kind, backend, out), nprocs=WORLD, join=True,
+        mp.start_processes(_worker, args=(_free_port(), kind, backend, out, world, device), nprocs=world, join=True,
                            start_method="spawn")
-        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False, map_location="cpu")
+                for r in range(world)]
 
 
 def _plain(value):
@@ -305,3 +312,32 @@ def test_fsdp2_sharded_grad_scaler_skips_inf_steps_as_torch_optim_does():
 def test_fsdp2_kernel_backend_says_why_it_cannot_step_a_dtensor():
     for result in _run("fsdp2-refused", BACKENDS[1]):
         assert result["refused"].startswith("BackendUnavailableError") and "DTensors" in result["refused"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dist.is_nccl_available(), reason="torch.distributed without NCCL")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fsdp2_on_one_gpu_with_nccl_steps_shards_as_torch_optim(backend):
+    (result,) = _run("fsdp2", backend, world=1, device="cuda")
+    ours, ref = result["ours"], result["torch"]
+    _assert_full_state_close(ours[:2], ref[:2])
+    assert ours[2] == [backend]
+
+
+def test_the_readmes_fsdp2_example_runs_with_torchrun(tmp_path):
+    """The README's FSDP2 + optim.AdamW script, run as it says (torchrun, two ranks)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (script,) = re.findall(r"```python\n(# fsdp2_adamw\.py.*?)```", readme, flags=re.S)
+    path = tmp_path / "fsdp2_adamw.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = "cpu" if len(BACKENDS) > 1 and BACKENDS[1] == "cpu" else "torch"
+    assert f"backends: ['{expected}']" in run.stdout
