@@ -219,7 +219,6 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self.dense = dense
         self.embedding = embedding
         self._param_names = dict(param_names or {})
-        self._backends: set[str] = set()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -237,7 +236,6 @@ class CombinedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.dense.step()
         self.embedding.step()
-        self._backends = _backends_used(self.dense) | _backends_used(self.embedding)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -245,8 +243,9 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self.embedding.zero_grad(set_to_none)
 
     def backends_used(self) -> set[str]:
-        """The backends that the last ``step()`` dispatched to, across both optimizers."""
-        return set(self._backends)
+        """The backends that the last ``step()`` dispatched to, across both optimizers (asked of them, so
+        that a compiled step, whose Python ran while tracing, reports what ran)."""
+        return _backends_used(self.dense) | _backends_used(self.embedding)
 
     def state_dict(self) -> dict[str, Any]:
         return {"dense": self.dense.state_dict(), "embedding": self.embedding.state_dict()}

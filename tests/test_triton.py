@@ -392,7 +392,7 @@ def test_cuda_opmath_order_is_torch_adam_math_bit_for_bit(monkeypatch, case, dty
 
 @pytest.mark.parametrize("family", ["adam", "adagrad"])
 def test_compiled_step_has_no_graph_breaks_and_no_recompiles_when_lr_changes(family):
-    """Under torch.compile the step is one opaque custom op per bucket; a Tensor lr keeps it compiled."""
+    """Under torch.compile the step is one opaque op (Note [Compiled steps]); a changing lr keeps it compiled."""
     import torch._dynamo
 
     ref_params, params = _pair([(5,), (300,), (7, 3)])

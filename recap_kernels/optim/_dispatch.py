@@ -68,6 +68,7 @@ from recap_kernels.backends._base import (
     local_shard,
     state_names,
 )
+from recap_kernels.optim._compiled import compiled_step, register
 from recap_kernels.optim._observed import ObservedList, ObservedState, mutations, observed_state
 
 log = logging.getLogger("recap_kernels")
@@ -162,6 +163,7 @@ class FusedStepMixin:
 
     def _setup_backend(self, backend: str) -> None:
         self._backend_request = check_backend_name(backend)
+        register(self)  # its key for compiled steps (Note [Compiled steps])
         self._last_backends: frozenset[str] = frozenset()
         self._plans: OrderedDict[int, _Plan] = OrderedDict()  # recent plans, most recently used last
         self._plan_cache: _Plan | None = None  # the plan of the last step
@@ -219,6 +221,13 @@ class FusedStepMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         _check_amp(grad_scale, found_inf)
+        if torch.compiler.is_compiling() and not self.defaults.get("differentiable"):
+            compiled_step(self, grad_scale, found_inf)  # one op that runs _eager_step (Note [Compiled steps])
+        else:
+            self._eager_step(grad_scale, found_inf)
+        return loss
+
+    def _eager_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         # Autograd records the update only with differentiable=True. torch's optimizers get this
         # from a decorator that also breaks the torch.compile graph; a context manager does not,
         # and the kernels' custom ops mutate their arguments in place either way.
@@ -226,7 +235,6 @@ class FusedStepMixin:
             plan = self._plan()
             plan.run(self._kind, grad_scale, found_inf)
         self._last_backends = plan.backend_names
-        return loss
 
     def _plan(self) -> _Plan:
         """This step's plan, gathered: a cached one when it still holds (Note [Plan invalidation]).
@@ -235,7 +243,7 @@ class FusedStepMixin:
         plans (a parameter whose gradient is ``None`` every other step) switches between them instead
         of rebuilding one each step.
         """
-        if torch.compiler.is_compiling():  # Dynamo traces the plan into the graph instead
+        if torch.compiler.is_compiling():  # differentiable=True: Dynamo traces the plan into the graph
             plan = self._build_plan(tracing=True)
             plan.gather(self._kind)
             return plan
@@ -460,5 +468,6 @@ class FusedStepMixin:
                               ("_last_change", ""), ("_step_supports_amp_scaling", True)):
             self.__dict__.setdefault(name, default)
         self.__dict__.setdefault("_plans", OrderedDict())
+        register(self)  # a copy is another optimizer: its own key
         self.__dict__.pop("_option_getter", None)
         self._normalize_state()
