@@ -193,11 +193,13 @@ def _kernel_suite(device: torch.device, args: argparse.Namespace, backends: list
     roofline = buckets.measure_roofline(device)
     results = []
     shapes = buckets.workloads(device, scale=1 / 16 if args.size == "small" else 1.0)
-    bar = _progress(len(shapes) * 2 * len(buckets.contenders("adam", device, backends)), "kernels: contenders")
+    compiled = args.compiled
+    bar = _progress(len(shapes) * 2 * len(buckets.contenders("adam", device, backends, compiled)),
+                    "kernels: contenders")
     for workload in shapes:
         for optimizer in ("adam", "adagrad"):
             results += buckets.run_workload(workload, optimizer, device, steps=steps, warmup=warmup,
-                                            backends=backends, tick=bar.update)
+                                            backends=backends, compiled=compiled, tick=bar.update)
     bar.close()
     table_rows = buckets.rows(results, roofline, device, run.environment(device))
     print(buckets.format_rows(table_rows, roofline, device))
@@ -266,6 +268,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the recap suite's table gradients: sparse (nn.EmbeddingBag(sparse=True), as in training), dense, "
         "or both (default: two tables, sparse first)",
     )
+    bench_parser.add_argument("--compiled", action="store_true",
+                              help="kernels suite: also time each kernel backend's step under torch.compile "
+                                   "(recap-<backend>-compiled rows, with the compile time)")
     bench_parser.add_argument("--json", metavar="PATH", help="also write long-format result rows to PATH")
     bench_parser.add_argument("--plot", metavar="PATH",
                               help="also draw the rows to PATH (PNG): time per step per contender, roofline marked")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recap_kernels._cli import main
-from recap_kernels.backends import BACKEND_NAMES
+from recap_kernels.backends import BACKEND_NAMES, get_backend
 from recap_kernels.bench import run, workloads
 from recap_kernels.builder import build_optimizer
 
@@ -76,6 +76,18 @@ def test_kernel_suite_rows(tmp_path, capsys):
     tiny = {(r["optimizer"], r["contender"]): r["p50"] for r in rows if r["workload"] == "tiny"}
     assert all(r["host_ms"] == tiny[r["optimizer"], r["contender"]] for r in rows)  # the host column
     assert "in-place STREAM" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not get_backend("cpu").available(torch.device("cpu")).ok, reason="no CPU kernels in this build")
+def test_kernel_suite_times_compiled_steps_with_their_compile_time():
+    from recap_kernels.bench import buckets
+
+    workload = buckets.BucketWorkload("few", (3, 50, 7), 2)
+    results = buckets.run_workload(workload, "adam", torch.device("cpu"), steps=2, warmup=1, backends=["cpu"],
+                                   compiled=True)
+    by_name = {r.contender: r for r in results}
+    assert by_name["recap-cpu-compiled"].check == "OK" and len(by_name["recap-cpu-compiled"].samples_ms) == 2
+    assert by_name["recap-cpu-compiled"].compile_s > 0 and by_name["recap-cpu"].compile_s is None
 
 
 def test_bench_fails_on_a_contender_that_disagrees(monkeypatch, capsys):

@@ -22,9 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+import time
 from typing import Any
 
 import torch
+import torch._dynamo
 
 from recap_kernels import optim
 from recap_kernels.bench.run import default_backends
@@ -60,11 +62,13 @@ def workloads(device: torch.device, scale: float = 1.0) -> list[BucketWorkload]:
     ]
 
 
-def contenders(optimizer: str, device: torch.device, backends: list[str] | None = None) -> dict[str, Callable]:
+def contenders(optimizer: str, device: torch.device, backends: list[str] | None = None,
+               compiled: bool = False) -> dict[str, Callable]:
     """Name -> optimizer factory taking param groups; the first is the reference.
 
     ``backends``: the recap_kernels backends to time beside torch's three paths (default: those
-    :func:`~recap_kernels.bench.run.default_backends` names).
+    :func:`~recap_kernels.bench.run.default_backends` names). ``compiled`` adds ``recap-<backend>-compiled``
+    for each: the same optimizer, its step run through ``torch.compile`` (see :func:`run_workload`).
     """
     stock = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[optimizer]
     ours = {"adam": optim.Adam, "adagrad": optim.Adagrad}[optimizer]
@@ -76,6 +80,8 @@ def contenders(optimizer: str, device: torch.device, backends: list[str] | None 
     for name in default_backends(device) if backends is None else backends:
         if name != "torch":  # the torch backend runs torch's own paths, which are already here
             table[f"recap-{name}"] = partial(ours, backend=name)
+            if compiled:
+                table[f"recap-{name}-compiled"] = table[f"recap-{name}"]
     return table
 
 
@@ -122,6 +128,7 @@ class BucketResult:
     numel: int
     tensors: int
     check: str
+    compile_s: float | None = None  # a compiled contender's first step, compilation included
 
 
 def check_against(params: list[torch.Tensor], reference: list[torch.Tensor]) -> str:
@@ -135,9 +142,12 @@ def check_against(params: list[torch.Tensor], reference: list[torch.Tensor]) -> 
 
 
 def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device, *, steps: int,
-                 warmup: int, backends: list[str] | None = None,
+                 warmup: int, backends: list[str] | None = None, compiled: bool = False,
                  tick: Callable[[], object] | None = None) -> list[BucketResult]:
     """Every contender from the same start on the same gradients; the reference's final values judge the rest.
+
+    A ``-compiled`` contender steps through ``torch.compile(opt.step)`` (Inductor); its first step, which
+    compiles, is timed apart (``compile_s``) and counted in neither the warm-up nor the samples.
 
     Contenders run one after another on one set of buffers (the parameters are reset from a saved
     copy), so a 1e9-parameter bucket needs room for one optimizer's state at a time.
@@ -146,20 +156,28 @@ def run_workload(workload: BucketWorkload, optimizer: str, device: torch.device,
     initial = [p.clone() for p in params]
     reference_final: list[torch.Tensor] | None = None
     results = []
-    for name, make in contenders(optimizer, device, backends).items():
+    for name, make in contenders(optimizer, device, backends, compiled).items():
         for p, p0, g in zip(params, initial, grads):
             p.copy_(p0)
             p.grad = g
         opt = make(param_groups(params, workload.groups))
         timer = StepTimer(device)
-        for i in range(warmup + steps):
-            timer(opt.step, record=i >= warmup)
+        step, compile_s, skip = opt.step, None, warmup
+        if name.endswith("-compiled"):
+            torch._dynamo.reset()
+            step = torch.compile(opt.step, fullgraph=True)
+            start = time.perf_counter()
+            timer(step, record=False)
+            compile_s = time.perf_counter() - start
+            skip = max(warmup - 1, 0)  # the compiling step was one of the warm-up steps
+        for i in range(skip + steps):
+            timer(step, record=i >= skip)
         if reference_final is None:
             reference_final, check = [p.clone() for p in params], "OK (reference)"
         else:
             check = check_against(params, reference_final)
         results.append(BucketResult(workload.name, optimizer, name, timer.samples_ms(), workload.numel,
-                                    len(workload.sizes), check))
+                                    len(workload.sizes), check, compile_s))
         del opt  # free its state before the next contender allocates its own
         if tick is not None:
             tick()
@@ -185,7 +203,7 @@ def rows(results: list[BucketResult], roofline: dict[str, float], device: torch.
             "frac_of_roofline": gbps / roofline[reference_key],
             "speedup_vs_torch_fused": fused.get((r.workload, r.optimizer), float("nan")) / p50,
             "host_ms": host.get((r.optimizer, r.contender), float("nan")),
-            "check": r.check, **roofline, **environment,
+            "check": r.check, "compile_s": r.compile_s, **roofline, **environment,
         })
     return out
 
@@ -202,7 +220,7 @@ def format_rows(table_rows: list[dict[str, Any]], roofline: dict[str, float], de
     table = [header] + [
         (r["workload"], r["optimizer"], r["contender"], f"{r['p50']:.3f}", f"{r['gbps']:.1f}",
          f"{100 * r['frac_of_roofline']:.0f}", f"{r['speedup_vs_torch_fused']:.2f}", f"{r['host_ms']:.3f}",
-         r["check"])
+         r["check"] + (f" (compiled in {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""))
         for r in table_rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
