@@ -183,3 +183,28 @@ def test_a_compiled_training_step_of_the_builders_optimizer_matches_eager(backen
     torch.testing.assert_close(comp_losses, eager_losses)
     for (name, p), q in zip(eager.named_parameters(), comp.parameters(), strict=True):
         torch.testing.assert_close(q, p, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_compiled_cuda_step_matches_eager(backend, mode):
+    """On CUDA too; under reduce-overhead the step op is left out of the CUDA graphs (cudagraph_unsafe) and
+    still matches."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        params = [torch.randn(n, device="cuda", generator=gen).requires_grad_() for n in (3, 1000, 4097)]
+        opt = optim.AdamW(params, lr=torch.tensor(0.01, device="cuda"), capturable=True, backend=backend)
+        step = torch.compile(opt.step, mode=mode) if compiled else opt.step
+        for k in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            step()
+            opt.param_groups[0]["lr"].fill_(0.01 / (k + 2))
+        results.append((params, opt))
+    (want, _), (got, opt) = results
+    for p, q in zip(got, want, strict=True):
+        assert torch.equal(p, q)
+    assert opt.backends_used() == {backend}
