@@ -8,9 +8,11 @@ minutes of compilation, and a compiled step slower than the eager one (the guard
 cost more than the step's own host work, which the eager path does in C++).
 
 So a compiled ``step()`` is a single op, ``recap_kernels::optimizer_step``, in the graph: its arguments
-are the optimizer's key in a registry of live optimizers (a constant), a 0-d ``generation`` tensor the
-op counts up (the declared mutation that keeps the op in the graph and orders two steps of one
-optimizer), and GradScaler's ``grad_scale``/``found_inf``. When the graph runs, the op runs the eager
+are the optimizer's key in a registry of live optimizers (a constant) and GradScaler's
+``grad_scale``/``found_inf``. It declares no mutation and returns nothing; it is registered as having
+side effects (``torch.fx.node.has_side_effect``), which keeps it in the graph, in program order (a
+declared mutation of a counter tensor would do the same and cost a graph input and AOTAutograd's
+bookkeeping of a mutated input at every call, about 14 us here). When the graph runs, the op runs the eager
 step of that optimizer: its cached plan, the C++ gather of every bucket, one kernel launch per bucket,
 and every check of Note [Plan invalidation] (``_dispatch.py``). So the compiled step computes exactly
 what the eager one does, costs what it costs, reads lr and the other hyperparameters afresh (changing
@@ -32,6 +34,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.fx.node
 from torch import Tensor
 
 # Live optimizers by key: the op's argument is an int, which a graph can hold as a constant.
@@ -40,39 +43,38 @@ _keys = itertools.count(1)
 
 
 def register(opt: Any) -> None:
-    """Give ``opt`` its key and generation counter (at construction and unpickling, never while tracing:
-    the key is a constant of every graph of ``opt``); the key is dropped when ``opt`` is collected."""
+    """Give ``opt`` its key (at construction and unpickling, never while tracing: the key is a constant of
+    every graph of ``opt``); the key is dropped when ``opt`` is collected."""
     key = next(_keys)
     _OPTIMIZERS[key] = weakref.ref(opt, lambda _, key=key: _OPTIMIZERS.pop(key, None))
     opt.__dict__["_compiled_key"] = key
-    opt.__dict__["_generation"] = torch.zeros((), dtype=torch.int64)
 
 
 # Defined with torch.library's low-level API (not ``custom_op``, whose Python wrapper costs more than
 # the rest of a compiled step's overhead): the schema, a kernel for every device, a fake kernel.
 _LIB = torch.library.Library("recap_kernels", "FRAGMENT")
-_LIB.define("optimizer_step(int key, Tensor(a!) generation, Tensor? grad_scale, Tensor? found_inf) -> ()",
+_LIB.define("optimizer_step(int key, Tensor? grad_scale, Tensor? found_inf) -> ()",
             tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ())
 
 
-def _optimizer_step(key: int, generation: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _optimizer_step(key: int, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """The eager step of the optimizer registered under ``key`` (Note [Compiled steps])."""
     ref = _OPTIMIZERS.get(key)
     opt = ref() if ref is not None else None
     if opt is None:
         raise RuntimeError("recap_kernels: a compiled step ran for an optimizer that no longer exists")
     opt._eager_step(grad_scale, found_inf)
-    generation.add_(1)
 
 
 _LIB.impl("optimizer_step", _optimizer_step, "CompositeExplicitAutograd")
+torch.fx.node.has_side_effect(torch.ops.recap_kernels.optimizer_step.default)
 
 
 @torch.library.register_fake("recap_kernels::optimizer_step", lib=_LIB)
-def _(key: int, generation: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _(key: int, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     return None
 
 
 def compiled_step(opt: Any, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """What ``step()`` does while Dynamo traces it: one :func:`optimizer_step` op."""
-    torch.ops.recap_kernels.optimizer_step(opt._compiled_key, opt._generation, grad_scale, found_inf)
+    torch.ops.recap_kernels.optimizer_step(opt._compiled_key, grad_scale, found_inf)
