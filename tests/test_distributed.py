@@ -167,6 +167,41 @@ def _fsdp2_amp(rank: int, backend: str, out: str) -> dict:
     return results
 
 
+class _TableModel(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(torch.nn.EmbeddingBag(37, 8, mode="sum"), torch.nn.Linear(8, 1))
+
+    def forward(self, ids, offsets):
+        return self[1](self[0](ids, offsets))
+
+
+def _fsdp2_rowwise(rank: int, backend: str, out: str) -> dict:
+    """RowWiseAdagrad on an embedding table that FSDP2 shards by rows (37 rows: uneven shards), against the
+    torch backend's row-wise step on the DTensors themselves."""
+    from torch.distributed.fsdp import fully_shard
+
+    results = {}
+    for name, chosen in (("ours", backend), ("torch", "torch")):
+        torch.manual_seed(0)
+        model = _TableModel()
+        fully_shard(model[0])
+        fully_shard(model)
+        table = model[0].weight
+        opts = [optim.RowWiseAdagrad([table], lr=0.1, weight_decay=0.01, initial_accumulator_value=0.1,
+                                     backend=chosen),
+                torch.optim.SGD(model[1].parameters(), lr=0.1)]
+        gen = torch.Generator().manual_seed(100 + rank)
+        for _ in range(STEPS):
+            for opt in opts:
+                opt.zero_grad()
+            ids = torch.randint(0, 37, (24,), generator=gen)
+            model(ids, torch.arange(0, 24, 3)).square().mean().backward()
+            for opt in opts:
+                opt.step()
+        results[name] = (*_full_state(model, opts[0]), sorted(opts[0].backends_used()))
+    return results
+
+
 def _fsdp2_refused(rank: int, backend: str, out: str) -> dict:
     """A kernel backend named outright says why it cannot step a DTensor it cannot unwrap (here: the state
     of a parameter replaced by a plain tensor, so it is not sharded as its parameter)."""
@@ -204,7 +239,7 @@ def _ddp_or_zero(rank: int, kind: str, backend: str) -> dict:
 
 
 _FSDP2_KINDS = {"fsdp2": _fsdp2, "fsdp2-checkpoint": _fsdp2_checkpoint, "fsdp2-amp": _fsdp2_amp,
-                "fsdp2-refused": _fsdp2_refused}
+                "fsdp2-rowwise": _fsdp2_rowwise, "fsdp2-refused": _fsdp2_refused}
 
 
 def _worker(rank: int, port: int, kind: str, backend: str, out: str, world: int, device: str) -> None:
@@ -306,6 +341,16 @@ def test_fsdp2_sharded_grad_scaler_skips_inf_steps_as_torch_optim_does():
         ours, ref = result["ours"], result["torch"]
         assert ours[2] == ref[2] and ours[2][0] == 2.0**15  # skipped on both ranks, backed off the same way
         _assert_full_state_close(ours[:2], ref[:2])
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="no kernel backend runs here")
+def test_fsdp2_rowwise_adagrad_steps_row_shards_of_a_table():
+    for result in _run("fsdp2-rowwise", BACKENDS[1]):
+        ours, ref = result["ours"], result["torch"]
+        _assert_full_state_close(ours[:2], ref[:2])
+        assert ours[2] == [BACKENDS[1]] and ref[2] == ["torch"]
+        (state,) = ours[1]["state"].values()
+        assert state["sum"].shape == (37, 1)
 
 
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="no kernel backend runs here")

@@ -95,7 +95,7 @@ def table_supports(kernels: str, kind: str, key: BucketKey, groups, has_table_op
     """:func:`kernel_supports` for table steps: contiguous tables with dense or whole-row sparse gradients."""
     if not has_table_ops.ok:
         return has_table_ops
-    if key.layout not in (CONTIGUOUS, SPARSE):
+    if key.layout not in (CONTIGUOUS, SPARSE, SHARDED):
         what = "row-wise Adagrad" if kind == "rowwise_adagrad" else "sparse Adagrad"
         return Availability(False, f"{kernels} run {what} on contiguous tables with dense gradients or sparse "
                                    f"gradients of whole rows (sparse_dim 1), not {key.layout} ones")
@@ -308,7 +308,7 @@ def gather_runs(kind: str, bucket: Bucket) -> str:
 # Note [Sharded parameters]
 # FSDP2 (``fully_shard``) hands the optimizer DTensor parameters: each rank holds a shard of every
 # parameter, of its gradient (reduce-scattered) and of its state (``zeros_like`` of a DTensor is a
-# DTensor with the same mesh and placements). Adam's and Adagrad's updates are elementwise, so a rank's
+# DTensor with the same mesh and placements; row-wise Adagrad makes its ``sum`` so too). Adam's and Adagrad's updates are elementwise, so a rank's
 # update of its shards needs nothing from the other ranks: the kernel backends step the *local* tensors
 # (``to_local()``: the shards themselves, no copy) in their usual one launch per bucket, while the
 # optimizer's state stays DTensors, which is what torch.distributed.checkpoint reads and writes. We
@@ -318,9 +318,10 @@ def gather_runs(kind: str, bucket: Bucket) -> str:
 # Unwrapping is only right when every tensor of a parameter is sharded the same way: the plan sends a
 # DTensor parameter to these kernels (layout SHARDED) only when its gradient and every state tensor are
 # DTensors on the parameter's mesh with its placements, and every local tensor is contiguous (FSDP2's
-# Shard(0) shards are); anything else (another placement, a Partial gradient, row-wise Adagrad, whose
-# row mean would need whole rows, sparse gradients) is layout DTENSOR, for the torch backend. Buckets
-# may mix meshes and placements: an elementwise update does not depend on them. A rank whose shard of a
+# Shard(0) shards are); anything else (another placement, a Partial gradient, sparse gradients, a table of
+# row-wise Adagrad sharded by columns, whose row means need whole rows) is layout DTENSOR, for the torch
+# backend. Buckets may mix meshes and placements: an elementwise update (or a row-wise one on whole
+# rows) does not depend on them. A rank whose shard of a
 # parameter is empty (fewer rows than ranks) steps an empty tensor: nothing to update, but its step
 # counter advances, as torch's does. The step counters are plain 0-d tensors, as torch's fused path
 # keeps them. The gradients are read in Python at each gather (``to_local()`` of each DTensor gradient,

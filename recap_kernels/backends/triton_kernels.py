@@ -84,11 +84,11 @@ class TritonBackend:
 
     def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
         bucket.runs = bucket.split_runs(kernel_switches(kind))
+        if bucket.key.layout == SHARDED:  # the ops on the local shards (Note [Sharded parameters])
+            unwrap_shards(bucket)
+            return
         if is_table_step(kind, bucket.key):
             bind_table_step(bucket, tracing)
-            return
-        if bucket.key.layout == SHARDED:  # the list ops on the local shards (Note [Sharded parameters])
-            unwrap_shards(bucket)
             return
         if not tracing:
             for run in bucket.runs:

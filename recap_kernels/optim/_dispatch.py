@@ -329,10 +329,13 @@ class FusedStepMixin:
     def _shards_alike(self, p: Tensor, grad: Tensor, states: list[Tensor]) -> bool:
         """Whether the kernels can step this DTensor parameter on its local shards (Note [Sharded parameters]
         in backends/_base.py): gradient and state sharded as ``p``, every local tensor contiguous.
-        State not made yet will be (``zeros_like(p)``). Row-wise Adagrad's row means need whole rows."""
-        if self._kind == "rowwise_adagrad" or grad.is_sparse:
-            return False
+        State not made yet will be (``zeros_like(p)``). Row-wise Adagrad's row means need whole rows:
+        its tables may be sharded by rows (``Shard(0)``, as FSDP2 shards) or replicated, not by columns."""
         mesh, placements = p.device_mesh, p.placements
+        if grad.is_sparse:
+            return False
+        if self._kind == "rowwise_adagrad" and not all(x.is_replicate() or x.is_shard(0) for x in placements):
+            return False
         return all(is_dtensor(t) and t.device_mesh == mesh and t.placements == placements
                    and local_shard(t).is_contiguous() for t in (p, grad, *states))
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from recap_kernels.backends._base import is_dtensor
 from recap_kernels.optim._dispatch import FusedStepMixin, new_step
 
 
@@ -100,9 +101,15 @@ class RowWiseAdagrad(FusedStepMixin, torch.optim.Optimizer):
     def _new_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         # Parameters added after construction start from the optimizer's default
         # initial_accumulator_value, as torch.optim.Adagrad's do.
-        return {"step": new_step(p, on_device=self._step_on_device(group, p)),
-                "sum": torch.full(self._state_shape(p), float(self.defaults["initial_accumulator_value"]),
-                                  dtype=p.dtype, device=p.device)}
+        init = float(self.defaults["initial_accumulator_value"])
+        if is_dtensor(p):  # a DTensor sharded as its table (FSDP2 shards rows: Note [Sharded parameters])
+            from torch.distributed.tensor import full
+
+            total = full(self._state_shape(p), init, dtype=p.dtype, device_mesh=p.device_mesh,
+                         placements=p.placements)
+        else:
+            total = torch.full(self._state_shape(p), init, dtype=p.dtype, device=p.device)
+        return {"step": new_step(p, on_device=self._step_on_device(group, p)), "sum": total}
 
     def step(self, closure=None):
         """Perform a single optimization step: one fused update per bucket of tables.
