@@ -237,6 +237,23 @@ def test_a_row_index_out_of_range_raises_before_anything_is_written(backend, fam
     assert all(torch.equal(a, b) for a, b in zip(after, before))
 
 
+@pytest.mark.parametrize("family", ["adagrad", "rowwise"])
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_a_row_index_out_of_range_in_a_step_of_tables_alone_writes_nothing(backend, family):
+    """Tables alone in a step (one bucket, one run): the native ops' own index check, before any write, is
+    the step's (Note [Table steps])."""
+    cls = optim.Adagrad if family == "adagrad" else optim.RowWiseAdagrad
+    tables = [torch.randn(6, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)]
+    opt = cls(tables, lr=0.1, backend=backend)
+    tables[0].grad, tables[1].grad = sparse_rows_grad(6, 3, [0, 5, 5]), sparse_rows_grad(4, 3, [3])
+    opt.step()
+    tables[0].grad, tables[1].grad = sparse_rows_grad(6, 3, [1, 2]), sparse_rows_grad(4, 3, [0, 4])  # row 4 of 4
+    before = _snapshot(opt, tables)
+    with pytest.raises(IndexError, match="out of range"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(opt, tables), before))
+
+
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_an_empty_sparse_gradient_only_advances_step(backend):
     ref_p, p = torch.randn(5, 2).requires_grad_(), None

@@ -203,6 +203,7 @@ class Bucket:
     runs: list[Run] = field(default_factory=list)
     planned: Any = None
     sources: list[Tensor] = field(default_factory=list)
+    alone: bool = False  # the plan's only bucket (Note [Table steps])
 
     def __len__(self) -> int:
         return len(self.params)
@@ -246,7 +247,10 @@ def kernel_switches(kind: str):
 # large tables, so they are not bound into BoundBuckets: the gather reads the gradients in Python,
 # checks each against what the plan saw (layout, dtype, shape, device: a sparse gradient is a new
 # tensor every step) and checks every sparse gradient's row indices, so that an index out of range
-# raises before any bucket is written (on CUDA that check is the one host sync of such a step).
+# raises before any bucket is written. The native table ops check every table's indices before they
+# write anything (csrc/common/tables.cpp), so when a step is that one call (the plan's only bucket, one
+# run: an embedding optimizer's usual step) the gather leaves the check to the op: on the CPU that
+# saves a pass over the indices, on CUDA a host sync.
 
 
 def _table_grad_signature(grad: Tensor) -> tuple:
@@ -280,10 +284,11 @@ def step_tables(kind: str, bucket: Bucket, sparse_adagrad, rowwise_adagrad, *, g
                    lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
 
 
-def gather_runs(kind: str, bucket: Bucket) -> str:
+def gather_runs(kind: str, bucket: Bucket, ops_check_indices: bool = False) -> str:
     """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (table steps,
     traced steps and sharded buckets, which have none, read them as a list), then every run's
-    :func:`hyper_rows`."""
+    :func:`hyper_rows`. ``ops_check_indices``: the backend's table ops check row indices before writing
+    (Note [Table steps])."""
     for run in bucket.runs:
         if run.bound is not None and run.bound.gather() != 0:
             return run.bound.change()
@@ -298,7 +303,8 @@ def gather_runs(kind: str, bucket: Bucket) -> str:
         if bucket.planned is not None:  # a table step (Note [Table steps])
             if tuple(map(_table_grad_signature, grads)) != bucket.planned:
                 return f"a gradient of {bucket.key} changed layout, dtype, shape or device"
-            check_row_indices(bucket.params, grads)
+            if not (ops_check_indices and bucket.alone and len(bucket.runs) == 1):
+                check_row_indices(bucket.params, grads)
         bucket.grads = grads
     for run in bucket.runs:
         run.hyper = hyper_rows(kind, run.groups, bucket.key.device)

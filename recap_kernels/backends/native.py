@@ -154,7 +154,7 @@ class NativeBackend:
                                      run.sizes)
 
     def gather(self, kind: str, bucket: Bucket) -> str:
-        return gather_runs(kind, bucket)
+        return gather_runs(kind, bucket, ops_check_indices=True)
 
     def step(self, kind: str, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         grad_scale, found_inf = amp_on_device(bucket.key.device, grad_scale, found_inf)

@@ -113,6 +113,8 @@ class _Plan:
     def __init__(self, entries: list[tuple[Backend, Bucket]]) -> None:
         self.entries = entries
         self.backend_names = frozenset(backend.name for backend, _ in entries)
+        for _, bucket in entries:  # Note [Table steps]: whether a table op's own checks precede every write
+            bucket.alone = len(entries) == 1
 
     def record(self, opt: FusedStepMixin, structure: tuple, gradless: list[Tensor]) -> _Plan:
         """What this plan was built from, for :meth:`current` (not for traced plans, which are not cached)."""
