@@ -69,6 +69,14 @@ def test_a_contender_that_disagrees_is_never_timed(monkeypatch):
     assert cases.kernel_case(workload, "adagrad", "torch-foreach", CPU).check == "OK"
 
 
+@pytest.mark.skipif("recap-cpu" not in cases.kernel_contenders(CPU), reason="no CPU kernels in this build")
+def test_a_compiled_contender_is_checked_and_reports_its_compile_time():
+    workload = buckets.BucketWorkload("few", (3, 50, 7), 2)
+    case = cases.kernel_case(workload, "adagrad", "recap-cpu-compiled", CPU)
+    assert case.check == "OK" and case.notes["compile_s"] > 0 and case.info()["compile_s"] > 0
+    case.step()
+
+
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 def test_embedding_and_recap_cases_check_against_their_references():
     case = cases.embedding_case("rowwise", "recap-torch rowwise", 256, CPU, scale=0.001)

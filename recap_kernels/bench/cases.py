@@ -13,11 +13,13 @@ times as the timer likes (the state keeps evolving, as in training).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._dynamo
 
 from recap_kernels.bench import buckets, embedding, run, workloads
 
@@ -52,35 +54,46 @@ def kernel_workload(name: str, device: torch.device, scale: float = 1.0) -> buck
 
 
 def kernel_contenders(device: torch.device) -> list[str]:
-    """torch's single-tensor, foreach and fused paths, then every kernel backend available here."""
-    return list(buckets.contenders("adam", device))
+    """torch's single-tensor, foreach and fused paths, then every kernel backend available here, eager and
+    under ``torch.compile`` (``recap-<backend>-compiled``)."""
+    return list(buckets.contenders("adam", device, compiled=True))
 
 
 def _kernel_run(workload: buckets.BucketWorkload, optimizer: str, contender: str, device: torch.device):
+    """The contender's parameters and step after :data:`CHECK_STEPS` steps; a compiled contender's first
+    step compiles (its time is in the notes: ``compile_s``)."""
     params, grads = buckets.workload_tensors(workload, device)
     for p, g in zip(params, grads):
         p.grad = g
-    make = buckets.contenders(optimizer, device, backends=[contender.removeprefix("recap-")]
-                              if contender.startswith("recap-") else [])[contender]
+    backend = contender.removeprefix("recap-").removesuffix("-compiled")
+    make = buckets.contenders(optimizer, device, backends=[backend] if contender.startswith("recap-") else [],
+                              compiled=True)[contender]
     opt = make(buckets.param_groups(params, workload.groups))
-    for _ in range(CHECK_STEPS):
-        opt.step()
-    return params, opt
+    step, notes = opt.step, {}
+    if contender.endswith("-compiled"):
+        torch._dynamo.reset()
+        step = torch.compile(opt.step, fullgraph=True)
+        start = time.perf_counter()
+        step()
+        notes["compile_s"] = time.perf_counter() - start
+    for _ in range(CHECK_STEPS - len(notes)):
+        step()
+    return params, step, notes
 
 
 @functools.lru_cache(maxsize=4)
 def _kernel_reference(workload: buckets.BucketWorkload, optimizer: str, device: torch.device) -> list[torch.Tensor]:
-    params, _ = _kernel_run(workload, optimizer, "torch-single", device)
+    params, _, _ = _kernel_run(workload, optimizer, "torch-single", device)
     return params
 
 
 def kernel_case(workload: buckets.BucketWorkload, optimizer: str, contender: str, device: torch.device) -> Case:
-    params, opt = _kernel_run(workload, optimizer, contender, device)
+    params, step, notes = _kernel_run(workload, optimizer, contender, device)
     check = "OK" if contender == "torch-single" else buckets.check_against(
         params, _kernel_reference(workload, optimizer, device))
-    return Case("kernels", workload.name, optimizer, contender, device, opt.step, check,
+    return Case("kernels", workload.name, optimizer, contender, device, step, check,
                 bytes=buckets.BYTES_PER_PARAM[optimizer] * workload.numel, n_params=workload.numel,
-                n_tensors=len(workload.sizes))
+                n_tensors=len(workload.sizes), notes=notes)
 
 
 # -- recap: the recap model's optimizer step, and its whole training step --------------------------------------------
