@@ -212,24 +212,27 @@ class FusedStepMixin:
 
     # -- the step ---------------------------------------------------------------------------------
     def _fused_step(self, closure=None):
-        # torch's Adam/AdamW check a CUDA-graph capture against their groups' ``capturable``; Adagrad
-        # has no such option (its groups no key), and torch's Adagrad does not check.
-        if "capturable" in self.defaults:
-            self._accelerator_graph_capture_health_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        _check_amp(grad_scale, found_inf)
         if torch.compiler.is_compiling() and not self.defaults.get("differentiable"):
-            compiled_step(self, grad_scale, found_inf)  # one op that runs _eager_step (Note [Compiled steps])
-        else:
-            self._eager_step(grad_scale, found_inf)
+            # One op that runs _eager_step (Note [Compiled steps]); as little traced as possible: what is
+            # traced is guarded, and the guards run at every call.
+            compiled_step(self, grad_scale, found_inf)
+            return loss
+        # torch's Adam/AdamW check a CUDA-graph capture against their groups' ``capturable``; Adagrad
+        # has no such option (its groups no key), and torch's Adagrad does not check. (torch skips the
+        # check under torch.compile too.)
+        if "capturable" in self.defaults:
+            self._accelerator_graph_capture_health_check()
+        self._eager_step(grad_scale, found_inf)
         return loss
 
     def _eager_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        _check_amp(grad_scale, found_inf)
         # Autograd records the update only with differentiable=True. torch's optimizers get this
         # from a decorator that also breaks the torch.compile graph; a context manager does not,
         # and the kernels' custom ops mutate their arguments in place either way.
