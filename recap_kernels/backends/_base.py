@@ -314,24 +314,25 @@ def gather_runs(kind: str, bucket: Bucket, ops_check_indices: bool = False) -> s
 # Note [Sharded parameters]
 # FSDP2 (``fully_shard``) hands the optimizer DTensor parameters: each rank holds a shard of every
 # parameter, of its gradient (reduce-scattered) and of its state (``zeros_like`` of a DTensor is a
-# DTensor with the same mesh and placements; row-wise Adagrad makes its ``sum`` so too). Adam's and Adagrad's updates are elementwise, so a rank's
-# update of its shards needs nothing from the other ranks: the kernel backends step the *local* tensors
-# (``to_local()``: the shards themselves, no copy) in their usual one launch per bucket, while the
-# optimizer's state stays DTensors, which is what torch.distributed.checkpoint reads and writes. We
-# unwrap rather than register sharding strategies for our ops with DTensor: the ops would then need a
-# strategy per op and schema, DTensor's dispatch would add per-tensor Python to every step, and what it
-# would decide is always "run on the local shards" for these elementwise updates.
+# DTensor with the same mesh and placements; row-wise Adagrad makes its ``sum`` so too). Adam's and
+# Adagrad's updates are elementwise (row-wise Adagrad's, per whole row), so a rank's update of its
+# shards needs nothing from the other ranks: the kernel backends step the *local* tensors (the shards
+# themselves, no copy) in their usual one launch per bucket, while the optimizer's state stays
+# DTensors, which is what torch.distributed.checkpoint reads and writes. We unwrap rather than register
+# sharding strategies for our ops with DTensor: the ops would then need a strategy per op and schema,
+# DTensor's dispatch would add per-tensor Python to every step, and what it would decide is always
+# "run on the local shards" for these updates.
 # Unwrapping is only right when every tensor of a parameter is sharded the same way: the plan sends a
 # DTensor parameter to these kernels (layout SHARDED) only when its gradient and every state tensor are
 # DTensors on the parameter's mesh with its placements, and every local tensor is contiguous (FSDP2's
-# Shard(0) shards are); anything else (another placement, a Partial gradient, sparse gradients, a table of
-# row-wise Adagrad sharded by columns, whose row means need whole rows) is layout DTENSOR, for the torch
-# backend. Buckets may mix meshes and placements: an elementwise update (or a row-wise one on whole
-# rows) does not depend on them. A rank whose shard of a
-# parameter is empty (fewer rows than ranks) steps an empty tensor: nothing to update, but its step
-# counter advances, as torch's does. The step counters are plain 0-d tensors, as torch's fused path
-# keeps them. The gradients are read in Python at each gather (``to_local()`` of each DTensor gradient,
-# checked against the planned shard): a new DTensor every step, which the C++ bound buckets cannot read.
+# Shard(0) shards are); anything else (another placement, a Partial gradient, sparse gradients, a table
+# of row-wise Adagrad sharded by columns, whose row means need whole rows) is layout DTENSOR, for the
+# torch backend. Buckets may mix meshes and placements: the updates do not depend on them. A rank whose
+# shard of a parameter is empty (fewer rows than ranks) steps an empty tensor: nothing to update, but
+# its step counter advances, as torch's does. The step counters are plain 0-d tensors, as torch's fused
+# path keeps them. The gradients are read in Python at each gather (the local tensor of each DTensor
+# gradient, checked against the planned shard): a new DTensor every step, which the C++ bound buckets
+# cannot read.
 
 
 def local_shard(t: Tensor) -> Tensor:
