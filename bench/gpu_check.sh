@@ -62,7 +62,7 @@ stage info 60 "$PY" -m recap_kernels info || status=1
 stage tests-cuda 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_cuda_ops.py \
   tests/test_cuda_embedding.py tests/test_equivalence.py -k "cuda" || status=1
 stage bench 120 "$PY" -m recap_kernels bench --device cuda --json "$OUT/bench.json" || status=1
-stage tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests --ignore tests/test_cuda_ops.py \
+stage tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests --ignore tests/test_cuda_ops.py \
   --ignore tests/test_cuda_embedding.py \
   -k "not (test_equivalence and cuda)" || status=1
 if "$PY" -c "import pytest_benchmark" 2>/dev/null; then  # the saved GPU run for bench/results (make bench's suite)
