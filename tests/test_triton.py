@@ -10,6 +10,7 @@ import triton.language as tl
 
 from recap_kernels import BackendUnavailableError, available_backends, optim
 from recap_kernels._triton import _math, multi_tensor
+from tests import ptx
 from tests.reference import (
     AdagradBitsCase,
     assert_optimizer_close,
@@ -467,11 +468,11 @@ def test_cpu_order_is_torch_fused_cpu_bit_for_bit(case, dtype):
 # thread: the difference is one element's update, apart from the per-tensor scalars (whose fp64
 # pow comes from libdevice, FMAs included).
 _PTX_SCRIPT = r"""
-import json, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
+import json
+import triton.language as tl
 from recap_kernels._triton.adagrad import _adagrad_kernel
 from recap_kernels._triton.adam import _adam_kernel
+from tests.ptx import op_counts
 
 SIG = {"ptrs": "*i64", "numel_ptr": "*i64", "tensor_group_ptr": "*i32", "chunk_tensor_ptr": "*i32",
        "chunk_start_ptr": "*i64", "hyper_ptr": "*fp64", "lr_addr_ptr": "*i64", "grad_scale_ptr": "*fp32",
@@ -482,12 +483,7 @@ OPS = ("fma.rn.f32", "fma.rn.f64", "div.rn.f32", "sqrt.rn.f32", "div.full", "div
 def counts(kernel, constexprs, block):
     constexprs = {**constexprs, "CHUNK_SIZE": block, "BLOCK_SIZE": block, "HAS_GRAD_SCALE": True,
                   "HAS_FOUND_INF": True, "DTYPE": tl.bfloat16, "MATH_DTYPE": tl.float32, "MAXIMIZE": False}
-    src = triton.compiler.ASTSource(fn=kernel, signature={**SIG, **{k: "constexpr" for k in constexprs}},
-                                    constexprs=constexprs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
-    ops = [line.split()[0] for line in ptx.splitlines() if line.strip() and not line.strip().startswith("//")]
-    return {op: sum(o.startswith(op) for o in ops) for op in OPS}
+    return op_counts(kernel, SIG, constexprs, OPS, num_warps=4)
 
 out = {}
 for name, kernel, constexprs in [
@@ -514,17 +510,7 @@ def test_sm90_ptx_has_ieee_division_and_square_root_and_only_the_orders_fmas():
     either: Triton launched with ``enable_fp_fusion=False`` emits the ``.rn`` forms, which ptxas
     does not contract.
     """
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # imports this checkout's kernels
-    result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, cwd=repo, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = ptx.run(_PTX_SCRIPT)
     fmas = {"adam-0": (3, 0), "adamw-0": (2, 0), "adam-1": (0, 3), "adamw-1": (0, 3), "adam-2": (5, 0),
             "adamw-2": (5, 0), "adagrad": (2, 0)}
     # unscale, sqrt(v) / bias_correction2_sqrt, (step_size * m) / denom; CUDA double unscales in fp64.
@@ -545,22 +531,12 @@ def test_sm90_ptx_of_the_cuda_adagrad_order_is_torch_adagrad_math():
     add, division and subtraction; and nothing Triton or ptxas may contract (no plain ``mul``/``add``).
     Per kernel, one more fp64 FMA: ``1 + (step - 1) * lr_decay``.
     """
-    import json
-    import os
-    import subprocess
-    import sys
-
     script = _PTX_SCRIPT.split("out = {}")[0] + r"""
 OPS = OPS + ("div.rn.f64", "mul.rn.f64", "add.rn.f64", "sub.rn.f64", "mul.f64", "add.f64", "sub.f64")
 one, two = counts(_adagrad_kernel, {"ORDER": 1}, 128), counts(_adagrad_kernel, {"ORDER": 1}, 256)
 print(json.dumps({"per_element": {op: two[op] - one[op] for op in OPS}, "kernel": one}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=repo, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = ptx.run(script)
     per_element, kernel = found["per_element"], found["kernel"]
     expected = {"fma.rn.f32": 1, "fma.rn.f64": 1, "div.rn.f32": 1, "sqrt.rn.f32": 1, "div.rn.f64": 1,
                 "mul.rn.f64": 1, "add.rn.f64": 1, "sub.rn.f64": 1}

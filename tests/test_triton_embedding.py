@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from recap_kernels import available_backends
+from tests import ptx
 from tests.reference import rowwise_adagrad_reference, sparse_adagrad_reference, sparse_rows_grad, tolerances
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -430,9 +431,9 @@ def test_sparse_adagrad_rejects_weight_decay_and_dense_gradients():
 # ------------------------------------------------------------------------------------------------
 _PTX_SCRIPT = r"""
 import json
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
+import triton.language as tl
 from recap_kernels._triton.embedding import _dense_rowwise_kernel, _sparse_kernel
+from tests.ptx import op_counts
 
 COMMON = {"step_ptr": "*fp32", "hyper_ptr": "*fp64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
           "found_inf_ptr": "*fp32", "dim": "i32", "group": "i32"}
@@ -445,12 +446,7 @@ OPS = ("div.full", "div.approx", "sqrt.approx", "rsqrt", "mul.f32", "add.f32", "
 def counts(kernel, signature, constexprs):
     constexprs = {**constexprs, "DTYPE": tl.bfloat16, "MATH_DTYPE": tl.float32, "MAXIMIZE": True,
                   "HAS_LR_TENSOR": True, "HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True}
-    src = triton.compiler.ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                    constexprs=constexprs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": 2, "enable_fp_fusion": False}).asm["ptx"]
-    ops = [line.split()[0] for line in ptx.splitlines() if line.strip() and not line.strip().startswith("//")]
-    return {op: sum(o.startswith(op) for o in ops) for op in OPS}
+    return op_counts(kernel, signature, constexprs, OPS, num_warps=2)
 
 out = {}
 for rowwise in (False, True):
@@ -467,17 +463,7 @@ print(json.dumps(out))
 def test_sm90_ptx_compiles_with_ieee_division_and_square_root():
     """Every kernel variant compiles for sm_90 (in a process without the interpreter: no GPU needed), with
     correctly rounded fp32 division and square root only, and nothing Triton or ptxas may contract."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # imports this checkout's kernels
-    result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, cwd=repo, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = ptx.run(_PTX_SCRIPT)
     for name, counts in found.items():
         assert counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0, (name, counts)
         for op in ("div.full", "div.approx", "sqrt.approx", "rsqrt", "mul.f32", "add.f32", "sub.f32"):
