@@ -81,21 +81,29 @@ def _clr_eps_decay(hyper_ptr, group, lr_ptr, step_ptr, MATH_DTYPE: tl.constexpr,
 
 
 @triton.jit
-def _value_row(values_ptr, perm_ptr, j, cols, mask, value_row_stride, value_col_stride, grad_scale,
-               DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, PERMUTED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-               STORE_UNSCALED: tl.constexpr):
-    """Columns ``cols`` of the value row of sorted position ``j``, unscaled (and stored back unscaled when
-    ``STORE_UNSCALED``: torch's fused path stores unscaled gradients)."""
-    entry = tl.cast(j, tl.int64)
-    if PERMUTED:
-        entry = tl.load(perm_ptr + j)
-    v_ptr = values_ptr + entry * value_row_stride + cols * value_col_stride
+def _load_unscaled(v_ptr, mask, grad_scale, DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
+                   HAS_GRAD_SCALE: tl.constexpr, STORE_UNSCALED: tl.constexpr):
+    """Gradient elements at ``v_ptr`` (sparse values or a dense gradient; zeros where masked) in the math
+    dtype, unscaled with GradScaler's scale (and stored back unscaled when ``STORE_UNSCALED``: torch's fused
+    path stores unscaled gradients)."""
     v = tl.load(v_ptr, mask=mask, other=0).to(MATH_DTYPE)
     if HAS_GRAD_SCALE:
         v = _unscale(v, grad_scale, CPU_ORDER)
         if STORE_UNSCALED:
             tl.store(v_ptr, _to_storage(v, DTYPE), mask=mask)
     return v
+
+
+@triton.jit
+def _value_row(values_ptr, perm_ptr, j, cols, mask, value_row_stride, value_col_stride, grad_scale,
+               DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, PERMUTED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+               STORE_UNSCALED: tl.constexpr):
+    """Columns ``cols`` of the value row of sorted position ``j``, as :func:`_load_unscaled` loads them."""
+    entry = tl.cast(j, tl.int64)
+    if PERMUTED:
+        entry = tl.load(perm_ptr + j)
+    v_ptr = values_ptr + entry * value_row_stride + cols * value_col_stride
+    return _load_unscaled(v_ptr, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, STORE_UNSCALED)
 
 
 @triton.jit
@@ -109,13 +117,8 @@ def _value_rows(values_ptr, perm_ptr, js, end, cols, mask, value_row_stride, val
     if PERMUTED:
         entries = tl.load(perm_ptr + js, mask=in_segment, other=0)
     v_ptr = values_ptr + entries[:, None] * value_row_stride + (cols * value_col_stride)[None, :]
-    both = in_segment[:, None] & mask[None, :]
-    v = tl.load(v_ptr, mask=both, other=0).to(MATH_DTYPE)
-    if HAS_GRAD_SCALE:
-        v = _unscale(v, grad_scale, CPU_ORDER)
-        if STORE_UNSCALED:
-            tl.store(v_ptr, _to_storage(v, DTYPE), mask=both)
-    return v
+    return _load_unscaled(v_ptr, in_segment[:, None] & mask[None, :], grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE,
+                          STORE_UNSCALED)
 
 
 @triton.jit
@@ -227,18 +230,6 @@ def _sparse_kernel(
 
 
 @triton.jit
-def _dense_grad(g_ptr, elems, mask, grad_scale, DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, STORE_UNSCALED: tl.constexpr):
-    """A dense gradient's elements, unscaled (and stored back unscaled when ``STORE_UNSCALED``)."""
-    g = tl.load(g_ptr + elems, mask=mask, other=0).to(MATH_DTYPE)
-    if HAS_GRAD_SCALE:
-        g = _unscale(g, grad_scale, CPU_ORDER)
-        if STORE_UNSCALED:
-            tl.store(g_ptr + elems, _to_storage(g, DTYPE), mask=mask)
-    return g
-
-
-@triton.jit
 def _dense_rowwise_kernel(
     p_ptr, sum_ptr, g_ptr, step_ptr, hyper_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, num_rows, dim, group,
     DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
@@ -259,7 +250,7 @@ def _dense_rowwise_kernel(
     if ONE_BLOCK:
         mask = row_mask[:, None] & (offs < dim)[None, :]
         elems = rows[:, None] * dim + offs[None, :]
-        g = _dense_grad(g_ptr, elems, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, True)
+        g = _load_unscaled(g_ptr + elems, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, True)
         w = tl.load(p_ptr + elems, mask=mask, other=0).to(MATH_DTYPE)
         g = _rowwise_grad(g, w, weight_decay, MAXIMIZE)
         acc = tl.load(sum_ptr + rows, mask=row_mask).to(MATH_DTYPE) + _div_rn(tl.sum(g * g, 1),
@@ -272,7 +263,7 @@ def _dense_rowwise_kernel(
             cols = c + offs
             mask = row_mask[:, None] & (cols < dim)[None, :]
             elems = rows[:, None] * dim + cols[None, :]
-            g = _dense_grad(g_ptr, elems, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, False)
+            g = _load_unscaled(g_ptr + elems, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, False)
             w = tl.load(p_ptr + elems, mask=mask, other=0).to(MATH_DTYPE)
             g = _rowwise_grad(g, w, weight_decay, MAXIMIZE)
             squares += g * g
@@ -283,7 +274,7 @@ def _dense_rowwise_kernel(
             cols = c + offs
             mask = row_mask[:, None] & (cols < dim)[None, :]
             elems = rows[:, None] * dim + cols[None, :]
-            g = _dense_grad(g_ptr, elems, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, True)
+            g = _load_unscaled(g_ptr + elems, mask, grad_scale, DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, True)
             w = tl.load(p_ptr + elems, mask=mask, other=0).to(MATH_DTYPE)
             g = _rowwise_grad(g, w, weight_decay, MAXIMIZE)
             tl.store(p_ptr + elems, _to_storage(w - _div_rn(clr * g, denom), DTYPE), mask=mask)
