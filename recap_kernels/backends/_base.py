@@ -284,6 +284,21 @@ def step_tables(kind: str, bucket: Bucket, sparse_adagrad, rowwise_adagrad, *, g
                    lr_tensors, maximize=run.switches[0], grad_scale=grad_scale, found_inf=found_inf)
 
 
+def bind_kernel_bucket(kind: str, bucket: Bucket, tracing: bool) -> bool:
+    """What every kernel backend's ``bind`` does first: split the bucket into runs by its compile-time
+    switches; unwrap a SHARDED bucket (Note [Sharded parameters]) or bind a table step (Note [Table
+    steps]), which need nothing more. Returns whether the backend should bind its runs (eager steps of
+    the multi-tensor kernels)."""
+    bucket.runs = bucket.split_runs(kernel_switches(kind))
+    if bucket.key.layout == SHARDED:  # the ops on the local shards
+        unwrap_shards(bucket)
+        return False
+    if is_table_step(kind, bucket.key):
+        bind_table_step(bucket, tracing)
+        return False
+    return not tracing
+
+
 def gather_runs(kind: str, bucket: Bucket, ops_check_indices: bool = False) -> str:
     """A kernel backend's gather: every run's bound bucket gathers its gradients in C++ (table steps,
     traced steps and sharded buckets, which have none, read them as a list), then every run's
@@ -346,7 +361,8 @@ def unwrap_shards(bucket: Bucket) -> None:
     parameters stay in ``bucket.sources``, where :func:`gather_runs` reads their gradients."""
     bucket.sources = bucket.params
     bucket.params = [local_shard(p) for p in bucket.params]
-    bucket.state = {name: [t if t is None else local_shard(t) for t in tensors] for name, tensors in bucket.state.items()}
+    bucket.state = {name: [t if t is None else local_shard(t) for t in tensors]
+                    for name, tensors in bucket.state.items()}
 
 
 def _gather_shards(bucket: Bucket) -> str:

@@ -35,19 +35,16 @@ import torch
 from recap_kernels import _ext, _ops
 from recap_kernels.backends._base import (
     OK,
-    SHARDED,
     Availability,
     Bucket,
     BucketKey,
     amp_on_device,
-    bind_table_step,
+    bind_kernel_bucket,
     gather_runs,
     is_table_step,
     kernel_supports,
-    kernel_switches,
     step_tables,
     table_supports,
-    unwrap_shards,
 )
 from recap_kernels.backends._bound import bound_bucket
 
@@ -140,14 +137,7 @@ class NativeBackend:
 
     # -- the step -----------------------------------------------------------------------------------
     def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
-        bucket.runs = bucket.split_runs(kernel_switches(kind))
-        if bucket.key.layout == SHARDED:  # the ops on the local shards (Note [Sharded parameters])
-            unwrap_shards(bucket)
-            return
-        if is_table_step(kind, bucket.key):
-            bind_table_step(bucket, tracing)
-            return
-        if tracing or not bind_buckets:
+        if not bind_kernel_bucket(kind, bucket, tracing) or not bind_buckets:
             return
         for run in bucket.runs:
             run.bound = bound_bucket(bucket.params[run.part], bucket.run_states(kind, run), bucket.steps[run.part],

@@ -23,19 +23,16 @@ import torch
 
 from recap_kernels.backends._base import (
     OK,
-    SHARDED,
     Availability,
     Bucket,
     BucketKey,
     amp_on_device,
-    bind_table_step,
+    bind_kernel_bucket,
     gather_runs,
     is_table_step,
     kernel_supports,
-    kernel_switches,
     step_tables,
     table_supports,
-    unwrap_shards,
 )
 
 
@@ -83,14 +80,7 @@ class TritonBackend:
         return kernel_supports("the Triton kernels", key, groups)
 
     def bind(self, kind: str, bucket: Bucket, *, tracing: bool) -> None:
-        bucket.runs = bucket.split_runs(kernel_switches(kind))
-        if bucket.key.layout == SHARDED:  # the ops on the local shards (Note [Sharded parameters])
-            unwrap_shards(bucket)
-            return
-        if is_table_step(kind, bucket.key):
-            bind_table_step(bucket, tracing)
-            return
-        if not tracing:
+        if bind_kernel_bucket(kind, bucket, tracing):
             for run in bucket.runs:
                 _kernels().bind_run(kind, bucket, run)
 

@@ -336,9 +336,9 @@ class FusedStepMixin:
         in backends/_base.py): gradient and state sharded as ``p``, every local tensor contiguous.
         State not made yet will be (``zeros_like(p)``). Row-wise Adagrad's row means need whole rows:
         its tables may be sharded by rows (``Shard(0)``, as FSDP2 shards) or replicated, not by columns."""
-        mesh, placements = p.device_mesh, p.placements
         if grad.is_sparse:
             return False
+        mesh, placements = p.device_mesh, p.placements
         if self._kind == "rowwise_adagrad" and not all(x.is_replicate() or x.is_shard(0) for x in placements):
             return False
         return all(is_dtensor(t) and t.device_mesh == mesh and t.placements == placements
@@ -368,7 +368,8 @@ class FusedStepMixin:
                 spans.append((gi, []))
             spans[-1][1].append(i)
         if not tracing:
-            for key in [k for k in members if k.layout in (CONTIGUOUS, SHARDED) and k.device.type in _KERNEL_DEVICES]:
+            apart = [k for k in members if k.layout in (CONTIGUOUS, SHARDED) and k.device.type in _KERNEL_DEVICES]
+            for key in apart:
                 written = [local_shard(t) if key.layout == SHARDED else t for _, positions in members[key]
                            for i in positions for t in (flat[i][1], *self._state_tensors(flat[i][1]))]
                 if _overlapping(written):
