@@ -150,6 +150,7 @@ class _Plan:
     def run(self, kind: str, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         for backend, bucket in self.entries:
             backend.step(kind, bucket, grad_scale=grad_scale, found_inf=found_inf)
+            bucket.grads = []  # the next gather reads them again; a cached plan must not keep them alive
 
 
 def _check_amp(grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
