@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from recap_kernels.backends import _huge_pages as huge_pages
+
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what can."""
@@ -259,8 +261,16 @@ def _table_grad_signature(grad: Tensor) -> tuple:
 
 
 def bind_table_step(bucket: Bucket, tracing: bool) -> None:
-    """What a table step's gather checks against (Note [Table steps])."""
-    bucket.planned = None if tracing else tuple(_table_grad_signature(p.grad) for p in bucket.params)
+    """What a table step's gather checks against (Note [Table steps]); CPU tables with sparse gradients
+    and their ``sum`` into huge pages (Note [Table huge pages] in _huge_pages.py)."""
+    if tracing:
+        bucket.planned = None
+        return
+    bucket.planned = tuple(_table_grad_signature(p.grad) for p in bucket.params)
+    if bucket.key.layout == SPARSE and bucket.key.device.type == "cpu":
+        for table, state_sum in zip(bucket.params, bucket.state["sum"]):
+            huge_pages.collapse(table)
+            huge_pages.collapse(state_sum)
 
 
 def check_row_indices(params: list[Tensor], grads: list[Tensor]) -> None:

@@ -25,6 +25,15 @@ exist; ``zero_grad`` after the step only drops references. The op is tagged ``cu
 torch has that tag: its host work reads this step's gradients, which a replayed CUDA graph would not;
 CUDA graphs of the step itself are the ``capturable`` path of the eager optimizer (the kernels read
 ``step``, lr and the AMP tensors on the device).
+
+What a compiled step costs beyond the eager one is the compiled function's own call: Dynamo's frame
+hook and guards (about 2 us for this frame's guards), AOTAutograd's runtime wrapper and Inductor's
+``call``, against the ``Optimizer.step`` wrapper (profiler range, hooks) that the compiled step leaves
+out. On the bench's EPYC (torch 2.14.1, Inductor, CPU): a compiled function that only calls a no-op op
+costs 15 us against 1.7 us plain; our compiled step costs the eager step plus 10-20 us with its data in
+cache, and up to 0.3 ms more with 5,000 tensors, whose step data (120 MB) evicts the Python objects of
+torch.compile's call path between steps (the time inside the op is the eager step's to within 1%). No
+op can take that away from inside the graph: it is what any compiled step pays per call.
 """
 
 from __future__ import annotations
