@@ -14,7 +14,10 @@ rows time forward + backward, so the ``+ fwd/bwd`` column adds torch's Embedding
 (timed alone, ``torch-fwd-bwd``) to every step-only row, which is what a training step costs.
 
 Every contender runs the same batches from the same start and must end where its reference ends
-(``check``), for the whole table, untouched rows included.
+(``check``), for the whole table, untouched rows included. A family's contenders take turns, one step
+each, each on its own table and state: on a shared machine whose load drifts, the drift falls on all of
+them, so their ratios hold (timed one after the other, the 64k ratio varied from 8.9x to 10.7x between
+three runs on the bench machine).
 """
 
 from __future__ import annotations
@@ -84,10 +87,18 @@ def _table_backends(kind: str, device: torch.device) -> list[str]:
 
 
 def _time_steps(device: torch.device, step: Callable[[int], None], steps: int, warmup: int) -> list[float]:
-    timer = StepTimer(device)
+    return _time_interleaved(device, [step], steps, warmup)[0]
+
+
+def _time_interleaved(device: torch.device, steppers: list[Callable[[int], None]], steps: int,
+                      warmup: int) -> list[list[float]]:
+    """Each stepper's samples, the steppers taking turns step by step: on a shared machine whose load
+    drifts, the drift falls on every contender of a family alike, so their ratios hold."""
+    timers = [StepTimer(device) for _ in steppers]
     for i in range(warmup + steps):
-        timer(lambda: step(i), record=i >= warmup)
-    return timer.samples_ms()
+        for timer, step in zip(timers, steppers):
+            timer(lambda: step(i), record=i >= warmup)
+    return [timer.samples_ms() for timer in timers]
 
 
 def _check(table: torch.Tensor, reference: torch.Tensor) -> str:
@@ -207,27 +218,25 @@ def run_embedding_suite(device: torch.device, *, steps: int = 10, warmup: int = 
     for n in touched:
         batches = make_batches(rows, dim, n, device)
         references: dict[str, torch.Tensor] = {}
-        for family, contender in contenders(device):
-            table, step = contender_stepper(init, contender, batches)
-            samples = _time_steps(device, step, steps, warmup)
-            table = table.detach()
-            if family not in references:
-                references[family] = table
-                check = "OK (reference)"
-            else:
-                check = _check(table, references[family])
-            results.append(Result(family, n, contender, samples, check))
-            del table
+        for family in REFERENCES:  # a family's contenders take turns (_time_interleaved), its reference first
+            names = [contender for f, contender in contenders(device) if f == family]
+            steppers = [contender_stepper(init, contender, batches) for contender in names]
+            samples = _time_interleaved(device, [step for _, step in steppers], steps, warmup)
+            references[family] = steppers[0][0].detach()
+            for i, (contender, (table, _), timed) in enumerate(zip(names, steppers, samples)):
+                check = "OK (reference)" if i == 0 else _check(table.detach(), references[family])
+                results.append(Result(family, n, contender, timed, check))
+                if tick is not None:
+                    tick()
+            del steppers, table
             gc.collect()
-            if tick is not None:
-                tick()
         results.append(Result("-", n, "torch-fwd-bwd", _forward_backward_ms(init, batches, device, steps, warmup),
                               "-"))
         if fbgemm:
             for family, optimizer in (("adagrad", "EXACT_ADAGRAD"), ("rowwise", "EXACT_ROWWISE_ADAGRAD")):
                 table, samples = _fbgemm_contender(init, optimizer, batches, device, steps, warmup)
-                results.append(Result(family, n, f"fbgemm-tbe {optimizer}", samples, _check(table, references[family]),
-                                      fused_backward=True))
+                results.append(Result(family, n, f"fbgemm-tbe {optimizer}", samples,
+                                      _check(table, references[family]), fused_backward=True))
                 del table
                 gc.collect()
     return results
