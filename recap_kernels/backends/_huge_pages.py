@@ -6,7 +6,8 @@ table far larger than the caches: each row is a few cache lines of the table and
 4 KiB pages each of those rows is also a TLB miss (a 2M x 64 fp32 table spans 131,072 pages; the L2
 TLB of the bench's EPYC holds 3,072), and the page walks, not the bytes, bound the step. On 2 MiB pages
 the same table spans 256, and the step approaches the memory bandwidth: on the bench machine (2M x 64,
-fp32, 64k indices) about 4.0 ms instead of 4.6-5.7 ms, and 1.0 ms instead of 2.1 ms at 16k.
+fp32, a table on each kind of page stepping in turn) 3.1 ms instead of 3.8 ms at 64k indices, 0.82 ms
+instead of 1.06 ms at 16k (bench/README.md).
 
 So when the kernel backends first plan a CPU table step with sparse gradients, they ask Linux to put
 the table and its ``sum`` in huge pages: ``MADV_HUGEPAGE`` (future faults) and ``MADV_COLLAPSE`` (Linux
@@ -88,4 +89,3 @@ def collapse(t: Tensor) -> bool:
     if madvise(span[0], span[1], _MADV_HUGEPAGE) != 0:
         return False
     return madvise(span[0], span[1], _MADV_COLLAPSE) == 0
-
