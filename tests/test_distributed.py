@@ -369,8 +369,17 @@ def test_fsdp2_on_one_gpu_with_nccl_steps_shards_as_torch_optim(backend):
     assert ours[2] == [backend]
 
 
+# What a rank prints when it aborts in torch's teardown at interpreter exit, after its work is done (a C++
+# std::thread destroyed while joinable). The README's script with torch.optim.AdamW in place of ours does
+# it too: 1 run in 80 on the 2-core EPYC (torch 2.14.1, gloo), ours 1 in 40. recap_kernels starts no
+# threads of its own.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_the_readmes_fsdp2_example_runs_with_torchrun(tmp_path):
-    """The README's FSDP2 + optim.AdamW script, run as it says (torchrun, two ranks)."""
+    """The README's FSDP2 + optim.AdamW script, run as it says (torchrun, two ranks). A run that fails only
+    by torch's abort at exit (_TEARDOWN_ABORT), its output complete, is run once more: a script that fails
+    twice, or fails otherwise, fails the test."""
     import re
     import subprocess
     import sys
@@ -381,8 +390,10 @@ def test_the_readmes_fsdp2_example_runs_with_torchrun(tmp_path):
     path = tmp_path / "fsdp2_adamw.py"
     path.write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(path)], capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(path)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    if run.returncode != 0 and _TEARDOWN_ABORT in run.stderr and "backends: [" in run.stdout:
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     expected = "cpu" if len(BACKENDS) > 1 and BACKENDS[1] == "cpu" else "torch"
     assert f"backends: ['{expected}']" in run.stdout
