@@ -373,10 +373,11 @@ def test_fsdp2_on_one_gpu_with_nccl_steps_shards_as_torch_optim(backend):
 # dump of one (torch 2.14.1, gloo) shows the race: a ProcessGroupGloo worker thread (runLoop) drops the
 # final barrier's work, which holds the last backward's allreduce work, whose captured ThreadLocalState
 # holds a Python object (a SafePyObject: most likely the contextvars autograd stashes in thread-local
-# storage during backward); its decref takes the GIL while
-# the main thread is in Py_FinalizeEx, so CPython ends the thread (pthread_exit) inside a noexcept
-# destructor: std::terminate. The README's script with torch.optim.AdamW in place of ours aborts the same
-# way: 3 runs in 70 against ours 5 in 70, run in turn on the 2-core EPYC under load; ours alone 0 in 57.
+# storage during backward); its decref takes the GIL while the main thread is in Py_FinalizeEx, so
+# CPython ends the thread (pthread_exit) inside a noexcept destructor: std::terminate (pytorch/pytorch
+# PR 179291 describes it; its atexit fix was abandoned). The README's script with torch.optim.AdamW in
+# place of ours aborts the same way: 3 runs in 70 against ours 5 in 70, run in turn on the 2-core EPYC
+# under load; ours alone 0 in 57.
 _TEARDOWN_ABORT = "terminate called without an active exception"
 
 
