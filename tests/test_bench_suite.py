@@ -94,3 +94,18 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     rows = json.loads(rows_path.read_text())
     assert ROW_FIELDS <= set(rows[0])
     assert plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compile_time_script_times_every_layer_of_a_compiled_step():
+    """bench/compile_time.py --breakdown: our compiled step, the eager one, the op alone and Dynamo alone,
+    each with its median, and the compiled steps ran on the kernel backend."""
+    run = subprocess.run([sys.executable, "bench/compile_time.py", "--tensors", "7", "--steps", "3", "--breakdown"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("compiled", "eager", "op alone", "compiled, Dynamo only"):
+        assert f"  {name} step: p50 " in run.stdout, run.stdout
+    assert "compile (first compiled step): " in run.stdout
+    assert "backends used: ['cpu']" in run.stdout
+    refused = subprocess.run([sys.executable, "bench/compile_time.py", "--contender", "torch-fused", "--breakdown"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "needs --contender ours" in refused.stderr
